@@ -1,0 +1,103 @@
+"""The `dreamerv4` command line. Every command is documented in README.md.
+
+    dreamerv4 run --config configs/crafter-small.yaml [key=value ...]
+    dreamerv4 data crafter --episodes 20 --out data/crafter
+    dreamerv4 data validate data/crafter
+    dreamerv4 data convert-minerl SRC DST
+    dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
+    dreamerv4 eval tokenizer --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter
+    dreamerv4 info params --config configs/minerl.yaml
+
+Handlers live next to the code they drive and are imported lazily ("module:function"), so
+`dreamerv4 --help` does not pay for importing torch. A handler takes the parsed arguments and
+returns the exit status; a UserError becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dreamerv4.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tokenizer.train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamerv4", description=__doc__.split("\n")[0])
+    groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = groups.add_parser("run", help="run every stage of the pipeline into one run folder")
+    _config_args(p)
+    p.set_defaults(handler="dreamerv4.pipeline:cmd_run")
+
+    data = groups.add_parser("data", help="record, convert and validate episode folders").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND"
+    )
+    p = data.add_parser("crafter", help="play the real Crafter game and record episodes")
+    p.add_argument("--episodes", type=int, required=True)
+    p.add_argument("--out", required=True, help="destination folder (episodes go in DIR/episode_XXXXX)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default="random", help="data-collection policy (see `dreamerv4.data.crafter_record`)")
+    p.add_argument("--max-steps", type=int, default=10000, help="episode length cap (Crafter's default 10000)")
+    p.add_argument("--overwrite", action="store_true", help="replace episodes already in --out")
+    p.set_defaults(handler="dreamerv4.data.crafter_record:cmd_record")
+
+    p = data.add_parser("validate", help="check every episode in a folder and print a summary")
+    p.add_argument("dir")
+    p.add_argument("--json", default=None, help="also write the summary as JSON here")
+    p.set_defaults(handler="dreamerv4.data.episodes:cmd_validate")
+
+    p = data.add_parser("convert-minerl", help="convert MineRL v0.4 episode folders to the extracted layout")
+    p.add_argument("src", help="a MineRL episode folder, or a folder of them")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true", help="replace destination episodes that exist")
+    p.set_defaults(handler="dreamerv4.data.minerl_convert:cmd_convert")
+
+    train = groups.add_parser("train", help="train one stage").add_subparsers(
+        dest="train_command", required=True, metavar="STAGE"
+    )
+    p = train.add_parser("tokenizer", help="masked-autoencoding causal tokenizer (Phase 1A)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(handler="dreamerv4.training.tokenizer:cmd_train")
+
+    evals = groups.add_parser("eval", help="evaluate a trained stage").add_subparsers(
+        dest="eval_command", required=True, metavar="STAGE"
+    )
+    p = evals.add_parser("tokenizer", help="PSNR/SSIM/LPIPS and object retention of reconstructions")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="episode folder (its validation split is used)")
+    p.add_argument("--out", default=None, help="JSON report path (default: next to the checkpoint)")
+    p.add_argument("--max-frames", type=int, default=2048)
+    p.set_defaults(handler="dreamerv4.evaluation.tokenizer:cmd_eval")
+
+    info = groups.add_parser("info", help="inspect configs and models").add_subparsers(
+        dest="info_command", required=True, metavar="WHAT"
+    )
+    p = info.add_parser("params", help="parameter counts of the configured models")
+    _config_args(p)
+    p.set_defaults(handler="dreamerv4.models.summary:cmd_params")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: image metrics, Crafter cell classifier, per-stage reports."""

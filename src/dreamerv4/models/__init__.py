@@ -1,0 +1,1 @@
+"""Models: the shared space-time transformer, the tokenizer, LPIPS."""
