@@ -1,9 +1,93 @@
-"""The training loop every phase shares. (Owned by the training work; stub fixes the config.)"""
+"""The training loop every phase shares (tokenizer, dynamics, agent, imagination): one function, `train`.
+
+A phase supplies a model, a dataset, a loss function and its resolved config; the loop supplies
+AdamW with warmup + cosine decay, gradient clipping, bf16 autocast, exactly resumable checkpoints,
+a time limit, non-finite loss handling, a progress bar, metrics.jsonl + TensorBoard, image and
+validation hooks. Example (what `training/tokenizer.py` does for Phase 1A):
+
+    from dreamerv4.config import to_dict
+    from dreamerv4.training.loop import train, resolve_device
+    from dreamerv4.training.loss_norm import RunningRMS
+    from dreamerv4.training.logging import image_grid
+
+    stage = run_cfg.tokenizer                                     # TokenizerStage
+    data = SequenceDataset(...)                                   # items: frames (T,3,64,64) float32,
+                                                                  #   actions (T,) int64, rewards (T,) float32
+    model = Tokenizer(stage.model)
+    lpips = LPIPS(stage.lpips_net).to(resolve_device(stage.train)).eval().requires_grad_(False)
+    norms = {"mse": RunningRMS(), "lpips": RunningRMS()}          # checkpointed, restored on resume
+
+    def loss_fn(model, batch):                                    # batch: collated dict on the device
+        out = model(batch["frames"])                              # runs under autocast (bf16 or off)
+        mse, perceptual = ..., lpips(...)
+        loss = norms["mse"](mse) + stage.lpips_weight * norms["lpips"](perceptual)
+        return loss, {"mse": mse.detach(), "lpips": perceptual.detach()}   # floats or 0-d tensors
+
+    def on_image(step, model, batch):                             # eval mode, no_grad, RNG isolated
+        return {"recon": image_grid(...)}                         # or None (hook saved files itself)
+
+    summary = train(model, data, loss_fn, stage.train, Path(run_cfg.out_dir) / "tokenizer",
+                    resume=args.resume, config_dict=to_dict(run_cfg), extra_state=norms,
+                    on_image=on_image, eval_fn=None, frames_per_sample=stage.train.seq_len,
+                    num_workers=run_cfg.data.num_workers)
+
+Contract and policies:
+- Step numbering: `step` counts completed updates; logs, checkpoints and reports use it. The batch
+  of update `step + 1` is `StepBatchSampler.indices(step)`, a function of (cfg.seed, step) only:
+  global sample positions step*B .. step*B+B-1 walk a permutation of the dataset per epoch, keyed by
+  (seed, epoch). So a resumed run sees exactly the batches an uninterrupted one would.
+- Exact resume: the checkpoint holds model, optimizer, scheduler, `extra_state`, step, RNG state
+  (Python, NumPy, torch), the log window, elapsed training time and `done`. Hooks (`on_image`,
+  `eval_fn`) run with the RNG state saved and restored, so they never shift training randomness.
+  On CPU in fp32 a resumed run is bitwise identical to an uninterrupted one (tests check it).
+- Files in `run_dir`: checkpoint.pt (latest; written every `ckpt_every` steps, at the end, on a time
+  limit and on SIGINT/SIGTERM), config.yaml, metrics.jsonl, tb/ (TensorBoard), images/.
+- A fresh run in a folder that has checkpoint.pt raises UserError (use resume or another folder).
+  `resume=True` with no checkpoint starts fresh; resuming a finished run (done, step >= cfg.steps)
+  does nothing. Raising cfg.steps and resuming a finished run continues it.
+- Non-finite loss or gradient norm: the update is skipped (weights, optimizer and extra_state stay
+  as before the step; the step and the lr schedule still advance), a warning names the step and
+  the metric values, and a "nonfinite" record goes to metrics.jsonl. After
+  `cfg.max_nonfinite_steps` consecutive ones the run aborts with TrainingDivergedError; the last
+  good checkpoint is left untouched.
+- time_limit_min counts training time across resumes; when reached the loop checkpoints and stops.
+- SIGINT/SIGTERM: the current step finishes, a checkpoint is written and `train` returns
+  (stop_reason "signal"); a second SIGINT interrupts at once. (With num_workers > 0, send SIGTERM to
+  the main process only: workers killed by a signal make the DataLoader raise.)
+- Weight decay applies to the weights of nn.Linear and nn.ConvNd only; biases, norms, embeddings and
+  bare nn.Parameters (learned tokens, positions) are not decayed. Frozen parameters are not optimized.
+- Distributed (later): rank 0 alone should write `run_dir`; `StepBatchSampler(rank, world_size)`
+  already shards the global batch of each step.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from dreamerv4.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dreamerv4.errors import CheckpointError, ConfigError, UserError
+from dreamerv4.training.logging import MetricsLog
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_FORMAT = "dreamerv4.train/1"
 
 
 @dataclass
@@ -18,10 +102,551 @@ class TrainConfig:
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping; the norm is still logged)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device supports it
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     log_every: int = 10
-    image_every: int = 500
+    image_every: int = 500  # steps between on_image calls (0: never)
     ckpt_every: int = 250
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if available, else CPU
+    eval_every: int = 0  # steps between eval_fn calls (0: never); also runs at the last step
+    max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) updates that abort the run
+    tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
+
+    def __post_init__(self) -> None:
+        # ValueError: config.from_dict turns it into a ConfigError naming the file and section.
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "image_every", "eval_every", "threads", "seed", "time_limit_min"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+class TrainingDivergedError(UserError):
+    """Loss or gradients stayed non-finite for `max_nonfinite_steps` consecutive steps."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]"]
+ImageHook = Callable[[int, nn.Module, Any], "Mapping[str, np.ndarray] | None"]
+EvalFn = Callable[[nn.Module], Mapping[str, float]]
+
+
+@dataclass
+class TrainSummary:
+    step: int  # completed updates
+    done: bool  # step reached cfg.steps
+    stop_reason: Literal["done", "time_limit", "signal", "already_done"]
+    metrics: dict[str, float]  # last logged train metrics, plus "eval/<key>" of the last evaluation
+    wall_time_s: float  # this call, set-up included
+    train_time_min: float  # training time summed over every resume
+    checkpoint: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, precision, schedule, optimizer
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device the loop trains on: cfg.device, where "auto" means CUDA if available, else CPU."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was asked for but torch sees no CUDA device")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (torch.bfloat16) or None for plain fp32. Parameters always stay fp32."""
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16  # forced: on CPUs without native bf16 it runs, only slower
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of cfg.lr for the update at 0-based index `step`: linear warmup, then cosine decay.
+
+    Warmup: (step + 1) / warmup_steps, so the first update is not wasted at lr 0. Cosine: from 1 at
+    `warmup_steps` down to min_lr_ratio at `total_steps` (and flat after it).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    return lambda step: lr_factor(
+        step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio
+    )
+
+
+_DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weights of Linear/Conv layers decay; everything else (biases, norms, embeddings,
+    learned tokens) does not. Frozen and shared parameters are handled (each trainable one once)."""
+    decayed_ids = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, _DECAYED_MODULES) and module.weight is not None
+    }
+    decay, no_decay = [], []
+    for param in model.parameters():  # parameters() already yields each shared tensor once
+        if param.requires_grad:
+            (decay if id(param) in decayed_ids else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameters")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda" or None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Index lists for steps start_step .. total_steps - 1; the batch of a step depends only on (seed, step).
+
+    Global sample position p (step * global_batch + i) is dataset index perm_e[p mod N], where
+    e = p // N and perm_e = numpy default_rng([seed, e]).permutation(N): every window once per epoch,
+    in a fresh order each epoch. With world_size > 1, rank r takes its slice of each global batch.
+    """
+
+    def __init__(
+        self, dataset_len: int, batch_size: int, seed: int, start_step: int, total_steps: int,
+        rank: int = 0, world_size: int = 1,
+    ):
+        if dataset_len < 1:
+            raise ValueError("StepBatchSampler: the dataset is empty")
+        self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+@contextlib.contextmanager
+def _isolated_rng() -> Iterator[None]:
+    """Run a hook without moving the training RNG streams (so hooks never change training)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with _isolated_rng(), torch.no_grad(), autocast():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag checked between steps; a second SIGINT raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (checkpoint follows)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def load_weights(model: nn.Module, path: str | Path, *, require_done: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by `train` into `model` (strict) for a later phase; returns the
+    checkpoint's config dict. `require_done` refuses a run that stopped before its last step."""
+    ckpt = load_checkpoint(path)
+    if require_done and not ckpt.get("done", False):
+        raise CheckpointError(
+            f"{path}: training stopped at step {ckpt.get('step')} before it finished; resume it first "
+            "(or pass require_done=False)"
+        )
+    try:
+        _unwrap(model).load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: does not match the model ({exc})") from exc
+    return ckpt.get("config", {})
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """True when run_dir/checkpoint.pt exists and is marked done (lets a pipeline skip a stage)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    return path.is_file() and bool(load_checkpoint(path).get("done", False))
+
+
+def _restore(ckpt: dict[str, Any], ckpt_path: Path, cfg: TrainConfig, model: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+             extra_state: Mapping[str, Stateful]) -> None:
+    """Put model, optimizer, scheduler, extra state and RNG streams back where the checkpoint left them."""
+    try:
+        _unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        for name, obj in extra_state.items():
+            obj.load_state_dict(ckpt["extra"][name])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt_path}: does not fit this model/config ({type(exc).__name__}: {exc})") from exc
+    # Hyper-parameters come from the current config (bitwise the same values when it is unchanged).
+    step = int(ckpt["step"])
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * _schedule(cfg)(step), betas=(cfg.beta1, cfg.beta2),
+                     weight_decay=decay)
+    set_rng_state(ckpt["rng"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    config_dict: Mapping[str, Any] | None = None,
+    extra_state: Mapping[str, Stateful] | None = None,
+    on_image: ImageHook | None = None,
+    eval_fn: EvalFn | None = None,
+    frames_per_sample: int = 1,
+    num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> TrainSummary:
+    """Train `model` on `dataset` with `loss_fn` for cfg.steps updates, writing everything to `run_dir`.
+
+    model: moved to the training device; parameters stay fp32. It is in train mode for loss_fn.
+    dataset: map-style, deterministic `__getitem__(i)` (no randomness) and `__len__`; items are
+        collated by `collate_fn` (default: torch's default collate; dicts of tensors stack into (B, ...)).
+    loss_fn(model, batch) -> (loss, metrics): batch is on the device; called under autocast. metrics
+        values are floats or 0-d tensors, averaged over each log window (names must not clash with
+        "step", "kind", "elapsed_min", "lr", "loss", "grad_norm", "samples_per_s", "frames_per_s",
+        "nonfinite_steps").
+    extra_state: named objects with state_dict/load_state_dict (e.g. RunningRMS normalizers used
+        inside loss_fn), checkpointed and restored; nn.Modules among them are moved to the device.
+    on_image(step, model, batch): every cfg.image_every steps in eval mode under no_grad; it may return
+        {name: (H, W, 3) uint8 image}, saved as images/<name>_<step>.png and to TensorBoard.
+    eval_fn(model) -> {name: float}: every cfg.eval_every steps and at the last step, in eval mode
+        under no_grad; logged as kind "eval" (TensorBoard "eval/<name>").
+    config_dict: the resolved run config, saved as config.yaml and inside every checkpoint.
+    frames_per_sample: frames in one dataset item (seq_len for sequences) for the frames/s figure.
+    num_workers: DataLoader worker processes (pass DataConfig.num_workers).
+    Returns a TrainSummary; raises UserError for an occupied run_dir, CheckpointError for a checkpoint
+    that does not fit, TrainingDivergedError after too many non-finite steps.
+    """
+    call_start = time.monotonic()
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    extra_state = dict(extra_state or {})
+    config_dict = dict(config_dict) if config_dict is not None else {"train": dataclasses.asdict(cfg)}
+    reserved = {"step", "kind", "elapsed_min", "lr", "loss", "grad_norm", "samples_per_s", "frames_per_s",
+                "nonfinite_steps"}
+
+    if ckpt_path.exists() and not resume:
+        raise UserError(
+            f"{run_dir}: already holds a training checkpoint ({CHECKPOINT_FILE}); pass --resume to continue "
+            "it, or choose another out_dir"
+        )
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
+    autocast_dtype = resolve_precision(cfg, device)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    model.to(device).train()
+    for obj in extra_state.values():
+        if isinstance(obj, nn.Module):
+            obj.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+
+    step, elapsed_before_s, nonfinite_total = 0, 0.0, 0
+    window: dict[str, Any] = {"sums": {}, "count": 0}
+    last_metrics: dict[str, float] = {}
+    resumed = resume and ckpt_path.exists()
+    if resumed:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{ckpt_path}: not a training-loop checkpoint (format {ckpt.get('format')!r})")
+        step = int(ckpt["step"])
+        if ckpt["done"] and step >= cfg.steps:
+            print(f"{run_dir}: training already finished at step {step}; nothing to do", file=sys.stderr)
+            return TrainSummary(step, True, "already_done", dict(ckpt["last_metrics"]),
+                                time.monotonic() - call_start, ckpt["elapsed_s"] / 60.0, ckpt_path)
+        _restore(ckpt, ckpt_path, cfg, model, optimizer, scheduler, extra_state)
+        elapsed_before_s = float(ckpt["elapsed_s"])
+        nonfinite_total = int(ckpt.get("nonfinite_steps", 0))
+        window, last_metrics = ckpt["log_window"], dict(ckpt["last_metrics"])
+        changes = _config_changes(ckpt.get("config", {}), config_dict)
+        print(f"{run_dir}: resuming from step {step}" + (f"; config changed: {'; '.join(changes)}" if changes else ""),
+              file=sys.stderr)
+    elif resume:
+        print(f"{run_dir}: no checkpoint to resume; starting fresh", file=sys.stderr)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    tmp.replace(run_dir / CONFIG_FILE)
+    log = MetricsLog(run_dir, tensorboard=cfg.tensorboard, resume_step=step if resumed else None)
+
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step, cfg.steps)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+        collate_fn=collate_fn,
+        # Own generator: creating the iterator must not draw from the global torch RNG.
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step),
+    )
+
+    train_start = time.monotonic()
+    elapsed_s = lambda: elapsed_before_s + time.monotonic() - train_start  # noqa: E731
+    # -1 forces a final save: a fresh run, or a resumed one whose train.steps was lowered to its step.
+    saved_step = step if resumed and step < cfg.steps else -1
+    consecutive_bad = 0
+    window_start, window_start_step = time.monotonic(), step
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+
+    def save(done: bool) -> None:
+        nonlocal saved_step
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "extra": {k: v.state_dict() for k, v in extra_state.items()},
+            "step": step, "done": done, "rng": rng_state(), "config": config_dict,
+            "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
+            "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
+            "last_metrics": last_metrics,
+        })
+        saved_step = step
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None, file=sys.stderr)
+    last_line = 0.0
+    stop_reason = "done"
+    batches = iter(loader)
+    try:
+        with _StopSignal() as stop:
+            while step < cfg.steps:
+                if cfg.time_limit_min > 0 and elapsed_s() >= cfg.time_limit_min * 60.0:
+                    stop_reason = "time_limit"
+                    break
+                if stop.signum is not None:
+                    stop_reason = "signal"
+                    break
+                try:
+                    batch = next(batches)
+                except Exception:
+                    if stop.signum is not None:  # workers died from the same Ctrl-C; state is consistent
+                        stop_reason = "signal"
+                        break
+                    raise
+                batch = _to_device(batch, device)
+                snapshot = {k: _clone_state(v.state_dict()) for k, v in extra_state.items()}
+
+                with autocast():
+                    loss, metrics = loss_fn(model, batch)
+                loss = loss.float()
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # the one sync per step
+                if finite:
+                    optimizer.step()
+                    consecutive_bad = 0
+                else:
+                    for name, obj in extra_state.items():
+                        obj.load_state_dict(snapshot[name])
+                    nonfinite_total += 1
+                    consecutive_bad += 1
+                optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                step += 1
+
+                if not finite:
+                    report = {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                              **{k: float(v) for k, v in metrics.items()}}
+                    log.write({"kind": "nonfinite", "step": step, **report})
+                    tqdm.write(f"{run_dir}: non-finite loss or gradient at step {step}, update skipped "
+                               f"({consecutive_bad} in a row, {nonfinite_total} in total): {_fmt(report)}",
+                               file=sys.stderr)
+                    if consecutive_bad >= cfg.max_nonfinite_steps:
+                        where = f"{ckpt_path} (step {saved_step})" if saved_step >= 0 else "none written yet"
+                        raise TrainingDivergedError(
+                            f"{run_dir}: training diverged: loss or gradient non-finite for {consecutive_bad} "
+                            f"consecutive steps, the last at step {step} ({_fmt(report)}). Last good checkpoint: "
+                            f"{where}. Lower train.lr, raise train.warmup_steps or check the data, then resume."
+                        )
+                else:
+                    clashes = reserved.intersection(metrics)
+                    if clashes:
+                        raise ValueError(f"loss_fn metric names {sorted(clashes)} clash with names the loop logs")
+                    sums = window["sums"]
+                    for key, value in (("loss", loss.detach()), ("grad_norm", grad_norm.detach()), *metrics.items()):
+                        value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                        sums[key] = sums[key] + value if key in sums else value
+                    window["count"] += 1
+                bar.update(1)
+
+                if (step % cfg.log_every == 0 or step == cfg.steps) and window["count"] > 0:
+                    now = time.monotonic()
+                    n, window_time = window["count"], max(now - window_start, 1e-9)
+                    samples_per_s = (step - window_start_step) * cfg.batch_size / window_time
+                    record: dict[str, Any] = {"kind": "train", "step": step, "elapsed_min": elapsed_s() / 60.0,
+                                              "lr": lr}
+                    record.update({k: float(v) / n for k, v in window["sums"].items()})
+                    record.update(samples_per_s=samples_per_s, frames_per_s=samples_per_s * frames_per_sample,
+                                  nonfinite_steps=nonfinite_total)
+                    log.write(record)
+                    last_metrics.update({k: v for k, v in record.items() if k != "kind"})
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", lr=f"{lr:.2e}",
+                                    fps=f"{record['frames_per_s']:.0f}")
+                    if bar.disable and (now - last_line >= 10.0 or step == cfg.steps):
+                        print(f"step {step}/{cfg.steps} " + _fmt({k: v for k, v in record.items()
+                              if k not in ("kind", "step")}), file=sys.stderr)
+                        last_line = now
+                    window, window_start, window_start_step = {"sums": {}, "count": 0}, now, step
+
+                if on_image is not None and cfg.image_every and step % cfg.image_every == 0:
+                    with _inference(model, autocast):
+                        images = on_image(step, model, batch)
+                    for name, image in (images or {}).items():
+                        log.write_image(name, step, image)
+                if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    with _inference(model, autocast):
+                        results = {k: float(v) for k, v in eval_fn(model).items()}
+                    log.write({"kind": "eval", "step": step, "elapsed_min": elapsed_s() / 60.0, **results})
+                    last_metrics.update({f"eval/{k}": v for k, v in results.items()})
+                    tqdm.write(f"step {step} eval: {_fmt(results)}", file=sys.stderr)
+
+                # No periodic checkpoint inside a streak of skipped steps: the last good one stays.
+                if (step % cfg.ckpt_every == 0 and consecutive_bad == 0) or step == cfg.steps:
+                    save(done=step >= cfg.steps)
+            if saved_step != step:  # time limit or signal between periodic checkpoints
+                save(done=step >= cfg.steps)
+    finally:
+        bar.close()
+        log.close()
+        del batches  # shuts DataLoader workers down
+
+    done = step >= cfg.steps
+    if stop_reason != "done":
+        print(f"{run_dir}: stopped at step {step}/{cfg.steps} ({stop_reason.replace('_', ' ')}); "
+              f"checkpoint {ckpt_path}; continue with --resume", file=sys.stderr)
+    return TrainSummary(step, done, "done" if done else stop_reason, last_metrics,
+                        time.monotonic() - call_start, elapsed_s() / 60.0, ckpt_path)
+
+
+def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else _clone_state(v) if isinstance(v, Mapping) else v
+            for k, v in state.items()}

@@ -1,0 +1,1 @@
+"""Data: action spaces, episode folders, the sequence dataset, Crafter recording, MineRL conversion."""
