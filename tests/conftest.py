@@ -7,6 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# Test models are tiny: with 2 threads torch spends more time in its thread pool than computing
+# (a tokenizer test file took 4 s on 1 thread, 15-57 s on 2 while the machine was busy).
+torch.set_num_threads(1)
 
 TINY_CRAFTER_EPISODES = 3
 TINY_CRAFTER_STEPS = 40

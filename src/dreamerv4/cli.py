@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = evals.add_parser("tokenizer", help="PSNR/SSIM/LPIPS and object retention of reconstructions")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="episode folder (its validation split is used)")
+    p.add_argument("--data", required=True, help="episode folder")
+    p.add_argument("--split", default="val", choices=["train", "val", "all"],
+                   help="which episodes of --data (use `all` for a held-out folder recorded with another seed)")
+    p.add_argument("--fit-data", default=None,
+                   help="folder whose training split fits the cell classifier (default: the run's data.path)")
     p.add_argument("--out", default=None, help="JSON report path (default: next to the checkpoint)")
     p.add_argument("--max-frames", type=int, default=2048)
     p.set_defaults(handler="dreamerv4.evaluation.tokenizer:cmd_eval")

@@ -35,6 +35,7 @@ Split = Literal["train", "val", "all"]
 @dataclass
 class DataConfig:
     path: str = "data/crafter"  # folder of episode folders
+    heldout_path: str = ""  # held-out episodes (another seed) for evaluation; "" means "<path>-heldout"
     action_space: Literal["crafter", "minerl"] = "crafter"
     stride: int = 8  # step between the starts of overlapping windows
     val_fraction: float = 0.1  # share of episodes held out, chosen deterministically by episode name

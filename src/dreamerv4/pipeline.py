@@ -1,0 +1,128 @@
+"""`dreamerv4 run`: every stage of the pipeline, in order, into one run folder.
+
+    dreamerv4 run --config configs/crafter-small.yaml [key=value ...]
+
+Stages (each skipped when its finished output is already there, resumed when interrupted):
+    record      record Crafter episodes into data.path (and a held-out set with another seed),
+                unless data.path already holds episodes (then they are used as they are)
+    validate    check every episode; any problem stops the run
+    tokenizer   train the tokenizer (Phase 1A) into <out_dir>/tokenizer
+    eval        evaluate the tokenizer on held-out episodes -> <out_dir>/tokenizer/eval.json
+Later phases (dynamics, agent, imagination) append their stages here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dreamerv4.config import load_config, save_config
+from dreamerv4.errors import DataError
+from dreamerv4.run_config import RunConfig
+
+INCOMPLETE_MARKER = ".incomplete-recording"  # present while the pipeline records into a folder
+
+
+def heldout_path(cfg: RunConfig) -> Path:
+    return Path(cfg.data.heldout_path or f"{cfg.data.path.rstrip('/')}-heldout")
+
+
+def _record_into(path: Path, episodes: int, seed: int, cfg: RunConfig) -> None:
+    """Record into `path` unless it already holds someone's episodes; finish an interrupted recording."""
+    from dreamerv4.data.crafter_record import record_crafter
+    from dreamerv4.data.episodes import find_episodes
+
+    marker = path / INCOMPLETE_MARKER
+    if path.is_dir() and find_episodes(path) and not marker.exists():
+        print(f"[record] {path}: episodes present, using them as they are")
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    # Recording is deterministic in (seed, episode index), so redoing an interrupted one is exact.
+    summary = record_crafter(path, episodes, seed, cfg.record.policy, cfg.record.max_steps, overwrite=True)
+    marker.unlink()
+    print(f"[record] {path}: {summary['episodes']} episodes, {summary['frames']} frames, "
+          f"mean return {summary['mean_return']:.2f}, crafter score {summary['crafter_score']:.2f}%")
+
+
+def stage_record(cfg: RunConfig) -> dict:
+    if cfg.record.episodes == 0:  # e.g. converted MineRL data: nothing to record
+        print(f"[record] record.episodes is 0: using the episodes in {cfg.data.path}")
+        return {}
+    _record_into(Path(cfg.data.path), cfg.record.episodes, cfg.record.seed, cfg)
+    if cfg.record.heldout_episodes > 0:
+        _record_into(heldout_path(cfg), cfg.record.heldout_episodes, cfg.record.heldout_seed, cfg)
+    return {}
+
+
+def stage_validate(cfg: RunConfig) -> dict:
+    from dreamerv4.data.episodes import format_summary, validate_root
+
+    results = {}
+    paths = [Path(cfg.data.path)] + ([heldout_path(cfg)] if heldout_path(cfg).is_dir() else [])
+    for path in paths:
+        summary = validate_root(path)
+        print(format_summary(summary))
+        if summary["problems"]:
+            raise DataError(f"{path}: {len(summary['problems'])} problem(s) found; see above")
+        results[str(path)] = {k: summary[k] for k in ("episodes", "frames") if k in summary}
+    return results
+
+
+def stage_tokenizer(cfg: RunConfig) -> dict:
+    from dreamerv4.training.tokenizer import train_tokenizer
+
+    summary = train_tokenizer(cfg, resume=True)
+    if not summary.done:
+        raise SystemExit(f"[tokenizer] stopped ({summary.stop_reason}) at step {summary.step}; run again to resume")
+    return {"step": summary.step, **summary.metrics}
+
+
+def stage_eval_tokenizer(cfg: RunConfig) -> dict:
+    from dreamerv4.evaluation.tokenizer import evaluate_tokenizer
+
+    heldout = heldout_path(cfg)
+    data, split = (heldout, "all") if heldout.is_dir() else (Path(cfg.data.path), "val")
+    return evaluate_tokenizer(Path(cfg.out_dir) / "tokenizer" / "checkpoint.pt", data, split=split,
+                              fit_data=Path(cfg.data.path))
+
+
+STAGES: list[tuple[str, Callable[[RunConfig], dict]]] = [
+    ("record", stage_record),
+    ("validate", stage_validate),
+    ("tokenizer", stage_tokenizer),
+    ("eval_tokenizer", stage_eval_tokenizer),
+]
+
+
+def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
+    """Run the stages in order; a stage whose result is in <out_dir>/summary.json is skipped."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
+    names = [name for name, _ in STAGES]
+    for i, (name, fn) in enumerate(STAGES, 1):
+        if stages is not None and name not in stages:
+            continue
+        if name in summary["stages"] and name not in ("record", "validate"):
+            print(f"[{i}/{len(names)}] {name}: done, skipped")
+            continue
+        print(f"[{i}/{len(names)}] {name}")
+        started = time.perf_counter()
+        result = fn(cfg)
+        summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), **result}
+        tmp = summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        tmp.replace(summary_path)
+    return summary
+
+
+def cmd_run(args) -> int:
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    run_pipeline(cfg)
+    print(f"run folder: {cfg.out_dir}")
+    return 0

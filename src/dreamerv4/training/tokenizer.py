@@ -1,0 +1,84 @@
+"""Phase 1A training: the causal masked-autoencoding tokenizer on episode frames.
+
+    dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
+
+Loss (paper, design.md 3): MSE + lpips_weight * LPIPS on the full reconstructed frame, each term
+divided by a running estimate of its RMS so neither dominates by scale. Writes to
+`<out_dir>/tokenizer/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/, images/ (input | masked |
+reconstruction grids).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dreamerv4.config import load_config, to_dict
+from dreamerv4.data.dataset import SequenceDataset, collate_windows
+from dreamerv4.models.tokenizer import Tokenizer, patchify, unpatchify
+from dreamerv4.run_config import RunConfig
+from dreamerv4.training.logging import image_grid
+from dreamerv4.training.loop import TrainSummary, resolve_device, train
+from dreamerv4.training.loss_norm import RunningRMS
+
+
+def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Frames (N,3,H,W) with the dropped patches (mask (N,P) True) painted mid-grey, for the grids."""
+    patches = patchify(frames, patch_size)
+    patches = torch.where(mask[..., None], torch.full_like(patches, 0.5), patches)
+    return unpatchify(patches, patch_size)
+
+
+def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
+    stage = cfg.tokenizer
+    data = SequenceDataset(
+        cfg.data.path, seq_len=stage.train.seq_len, stride=cfg.data.stride, split="train",
+        val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed, action_space=cfg.data.action_space,
+    )
+    torch.manual_seed(stage.train.seed)
+    model = Tokenizer(stage.model)
+    device = resolve_device(stage.train)
+    patch = stage.model.patch_size
+    norms = {"mse": RunningRMS(), "lpips": RunningRMS()}
+    lpips = None
+    if stage.lpips_weight > 0:
+        from dreamerv4.models.lpips import LPIPS
+
+        lpips = LPIPS(stage.lpips_net).to(device).eval().requires_grad_(False)
+
+    def loss_fn(model: Tokenizer, batch: dict) -> tuple[torch.Tensor, dict]:
+        frames = batch["frames"]
+        out = model(frames)
+        target = patchify(frames, patch)
+        mse = (out["reconstructed"].float() - target).square().mean()
+        loss = norms["mse"](mse)
+        metrics = {"mse": mse.detach(), "psnr_masked_train": -10 * torch.log10(mse.detach().clamp_min(1e-10))}
+        if lpips is not None:
+            recon = unpatchify(out["reconstructed"], patch).flatten(0, 1)
+            perceptual = lpips(recon, frames.flatten(0, 1)).mean()
+            loss = loss + stage.lpips_weight * norms["lpips"](perceptual)
+            metrics["lpips"] = perceptual.detach()
+        return loss, metrics
+
+    def on_image(step: int, model: Tokenizer, batch: dict) -> dict:
+        frames = batch["frames"][:8, :1].float()  # first frame of 8 sequences
+        out = model(frames)
+        mask = out["mask"].flatten(0, 1)
+        flat = frames.flatten(0, 1)
+        recon = unpatchify(out["reconstructed"].float(), patch).flatten(0, 1).clamp(0, 1)
+        rows = torch.cat([flat, masked_view(flat, mask, patch), recon])  # 3 rows: input | masked | recon
+        return {"input|masked|reconstruction": image_grid(rows, ncols=len(flat))}
+
+    return train(
+        model, data, loss_fn, stage.train, Path(cfg.out_dir) / "tokenizer",
+        resume=resume, config_dict=to_dict(cfg), extra_state=norms, on_image=on_image,
+        frames_per_sample=stage.train.seq_len, num_workers=cfg.data.num_workers, collate_fn=collate_windows,
+    )
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    summary = train_tokenizer(cfg, resume=args.resume)
+    print(summary)
+    return 0
