@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dreamerv4 demo --config configs/crafter-small.yaml
+	$(VENV)/bin/dreamerv4 run --config configs/crafter-small.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

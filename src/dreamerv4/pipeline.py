@@ -2,11 +2,13 @@
 
     dreamerv4 run --config configs/crafter-small.yaml [key=value ...]
 
-Stages (each skipped when its finished output is already there, resumed when interrupted):
+Stages, in order. record and validate run every time (record leaves existing episodes alone);
+the others are skipped once <out_dir>/summary.json lists them, and resume when interrupted:
     record      record Crafter episodes into data.path (and a held-out set with another seed),
                 unless data.path already holds episodes (then they are used as they are)
     validate    check every episode; any problem stops the run
-    tokenizer   train the tokenizer (Phase 1A) into <out_dir>/tokenizer
+    tokenizer   train the tokenizer (Phase 1A) into <out_dir>/tokenizer, until tokenizer.train.steps or
+                its time_limit_min (either finishes the stage; Ctrl-C leaves it to resume)
     eval        evaluate the tokenizer on held-out episodes -> <out_dir>/tokenizer/eval.json
 Later phases (dynamics, agent, imagination) append their stages here.
 """
@@ -29,15 +31,18 @@ def heldout_path(cfg: RunConfig) -> Path:
     return Path(cfg.data.heldout_path or f"{cfg.data.path.rstrip('/')}-heldout")
 
 
-def _record_into(path: Path, episodes: int, seed: int, cfg: RunConfig) -> None:
-    """Record into `path` unless it already holds someone's episodes; finish an interrupted recording."""
+def _record_into(path: Path, episodes: int, seed: int, cfg: RunConfig) -> dict:
+    """Record into `path` unless it already holds someone's episodes; finish an interrupted recording.
+    Returns {"recorded": bool, "episodes": n, ...}."""
     from dreamerv4.data.crafter_record import record_crafter
     from dreamerv4.data.episodes import find_episodes
 
     marker = path / INCOMPLETE_MARKER
-    if path.is_dir() and find_episodes(path) and not marker.exists():
-        print(f"[record] {path}: episodes present, using them as they are")
-        return
+    if path.is_dir() and not marker.exists():
+        present = find_episodes(path)
+        if present:
+            print(f"[record] {path}: episodes present, using them as they are")
+            return {"recorded": False, "episodes": len(present)}
     path.mkdir(parents=True, exist_ok=True)
     marker.touch()
     # Recording is deterministic in (seed, episode index), so redoing an interrupted one is exact.
@@ -45,16 +50,18 @@ def _record_into(path: Path, episodes: int, seed: int, cfg: RunConfig) -> None:
     marker.unlink()
     print(f"[record] {path}: {summary['episodes']} episodes, {summary['frames']} frames, "
           f"mean return {summary['mean_return']:.2f}, crafter score {summary['crafter_score']:.2f}%")
+    return {"recorded": True, "episodes": summary["episodes"], "frames": summary["frames"]}
 
 
 def stage_record(cfg: RunConfig) -> dict:
     if cfg.record.episodes == 0:  # e.g. converted MineRL data: nothing to record
         print(f"[record] record.episodes is 0: using the episodes in {cfg.data.path}")
         return {}
-    _record_into(Path(cfg.data.path), cfg.record.episodes, cfg.record.seed, cfg)
+    results = {cfg.data.path: _record_into(Path(cfg.data.path), cfg.record.episodes, cfg.record.seed, cfg)}
     if cfg.record.heldout_episodes > 0:
-        _record_into(heldout_path(cfg), cfg.record.heldout_episodes, cfg.record.heldout_seed, cfg)
-    return {}
+        heldout = heldout_path(cfg)
+        results[str(heldout)] = _record_into(heldout, cfg.record.heldout_episodes, cfg.record.heldout_seed, cfg)
+    return results
 
 
 def stage_validate(cfg: RunConfig) -> dict:
@@ -75,9 +82,13 @@ def stage_tokenizer(cfg: RunConfig) -> dict:
     from dreamerv4.training.tokenizer import train_tokenizer
 
     summary = train_tokenizer(cfg, resume=True)
-    if not summary.done:
+    # The time limit is the training budget the config asks for, so reaching it finishes the stage
+    # (training time adds up across resumes: running again would stop at once, forever). Only an
+    # interruption (SIGINT/SIGTERM) leaves the stage unfinished.
+    if not summary.done and summary.stop_reason != "time_limit":
         raise SystemExit(f"[tokenizer] stopped ({summary.stop_reason}) at step {summary.step}; run again to resume")
-    return {"step": summary.step, **summary.metrics}
+    return {**summary.metrics, "step": summary.step, "done": summary.done, "stop_reason": summary.stop_reason,
+            "train_time_min": round(summary.train_time_min, 2)}
 
 
 def stage_eval_tokenizer(cfg: RunConfig) -> dict:

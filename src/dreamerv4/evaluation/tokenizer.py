@@ -5,7 +5,8 @@
 Reconstructs held-out windows of the training sequence length (the tokenizer is causal in time,
 so each frame is decoded with its own past as context), compares them with the real frames, and
 applies the cell classifier (evaluation/cells.py, fitted on real TRAINING frames and cached next
-to the checkpoint) to count how many trees, cows, water... cells survive. Two reference points
+to the checkpoint as cells.pt, with cells.json recording what it was fitted on: other fit
+settings refit it) to count how many trees, cows, water... cells survive. Two reference points
 computed on the same frames put the numbers in context: the mean training frame, and 4x4
 average pooling. Writes JSON (default: eval.json next to the checkpoint) and a PNG of real and
 reconstructed frames.
@@ -14,6 +15,7 @@ reconstructed frames.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -21,21 +23,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.config import from_dict
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import load_frames, load_observations
+from dreamerv4.errors import CheckpointError
 from dreamerv4.evaluation.cells import CellClassifier, evaluate_reconstructions
 from dreamerv4.models.tokenizer import Tokenizer, unpatchify
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import image_grid, save_png
-from dreamerv4.training.loop import load_weights
+from dreamerv4.training.loop import CHECKPOINT_FORMAT, load_weights
+
+CELLS_CACHE = "cells.pt"  # the fitted cell classifier, next to the checkpoint
+CELLS_CACHE_INFO = "cells.json"  # what it was fitted on; a different fit refits it
 
 
 def load_tokenizer(checkpoint: str | Path, require_done: bool = False) -> tuple[Tokenizer, RunConfig]:
-    """The tokenizer of a `train tokenizer` checkpoint and the run config stored inside it."""
-    from dreamerv4.checkpoint import load_checkpoint
-
-    config = load_checkpoint(checkpoint).get("config", {})
+    """The tokenizer of a `train tokenizer` checkpoint, rebuilt from the run config stored inside it."""
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt.get("config")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "tokenizer" not in config:
+        raise CheckpointError(f"{checkpoint}: not a `dreamerv4 train tokenizer` checkpoint (no training-loop "
+                              "format or no run config with a tokenizer section inside)")
+    del ckpt  # load_weights reads the file again; drop this copy (optimizer state and all) first
     cfg = from_dict(RunConfig, config, f"{checkpoint}:config")
     model = Tokenizer(cfg.tokenizer.model)
     load_weights(model, checkpoint, require_done=require_done)
@@ -67,8 +77,47 @@ def reconstruct(model: Tokenizer, frames: torch.Tensor, batch: int = 8) -> torch
     return torch.cat(out)
 
 
+def cell_classifier(cache_dir: Path, fit_root: Path, cfg: RunConfig, fit_max_frames: int,
+                    fit_steps: int) -> CellClassifier:
+    """The classifier cached in cache_dir when it was fitted with these settings, else a new fit (cached)."""
+    cache, info_path = cache_dir / CELLS_CACHE, cache_dir / CELLS_CACHE_INFO
+    settings = {"fit_data": str(fit_root.resolve()), "fit_max_frames": fit_max_frames, "fit_steps": fit_steps,
+                "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed}
+    try:
+        cached = json.loads(info_path.read_text()) == settings and cache.is_file()
+    except (OSError, ValueError):
+        cached = False
+    if cached:
+        return CellClassifier.load(cache)
+    fit_x, fit_y = fit_frames(fit_root, cfg, fit_max_frames)
+    classifier = CellClassifier.fit(fit_x, fit_y, seed=0, steps=fit_steps)
+    info_path.unlink(missing_ok=True)  # never leave a description of another classifier behind
+    classifier.save(cache)
+    info_path.write_text(json.dumps(settings, indent=2))
+    return classifier
+
+
+def _json_safe(value):
+    """NaN/inf become null so the report is strict JSON (object_retention is NaN without object cells)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def evaluate_tokenizer(checkpoint: str | Path, data: str | Path, split: str = "val", fit_data: str | Path | None = None,
-                       max_frames: int = 2048, fit_max_frames: int = 20000, out: str | Path | None = None) -> dict:
+                       max_frames: int = 2048, fit_max_frames: int = 20000, out: str | Path | None = None,
+                       fit_steps: int = 1000) -> dict:
+    """Reconstruct up to `max_frames` frames of `data` (its `split`) with the checkpoint's tokenizer and score
+    them (module docstring). The cell classifier is fitted for `fit_steps` steps on up to `fit_max_frames`
+    training-split frames of `fit_data` (default: the run's data.path). Returns the report, also written as
+    JSON to `out` (default: eval.json next to the checkpoint) with a PNG beside it. Keys: checkpoint, data,
+    split, frames, windows, seq_len, psnr, ssim, lpips, object_retention, cell_accuracy, object_cells,
+    real_object_retention, per_label, references {mean_training_frame, avg_pool_4x4: psnr, ssim, retention
+    keys}, seconds. Raises CheckpointError / DataError (a UserError) for unusable inputs."""
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     model, cfg = load_tokenizer(checkpoint)
@@ -84,13 +133,7 @@ def evaluate_tokenizer(checkpoint: str | Path, data: str | Path, split: str = "v
     real = real.flatten(0, 1)
 
     fit_root = Path(fit_data or cfg.data.path)
-    cache = checkpoint.parent / "cells.pt"
-    if cache.is_file():
-        classifier = CellClassifier.load(cache)
-    else:
-        fit_x, fit_y = fit_frames(fit_root, cfg, fit_max_frames)
-        classifier = CellClassifier.fit(fit_x, fit_y, seed=0)
-        classifier.save(cache)
+    classifier = cell_classifier(checkpoint.parent, fit_root, cfg, fit_max_frames, fit_steps)
     from dreamerv4.models.lpips import LPIPS  # reported even when the run trained without it
 
     lpips = LPIPS(cfg.tokenizer.lpips_net).eval()
@@ -116,7 +159,8 @@ def evaluate_tokenizer(checkpoint: str | Path, data: str | Path, split: str = "v
         "seconds": round(time.perf_counter() - started, 1),
     }
     out = Path(out) if out else checkpoint.parent / "eval.json"
-    out.write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     shown = torch.cat([real[:: max(1, len(real) // 8)][:8], recon[:: max(1, len(real) // 8)][:8]])
     save_png(out.with_suffix(".png"), image_grid(shown, ncols=8))
     return result

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -40,6 +41,9 @@ class TransformerConfig:
     soft_cap: float = 50.0  # attention-logit soft cap: cap * tanh(logits / cap); 0 disables
     rope_base: float = 10000.0
     dropout: float = 0.0  # residual dropout after each attention and feed-forward block
+    # Recompute each block's activations in the backward pass instead of storing them: about a
+    # third more compute for a fraction of the activation memory (only block inputs are kept).
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -319,12 +323,18 @@ class SpaceTimeTransformer(nn.Module):
         space_rope = rope_tables(torch.arange(s + r, device=x.device), hd, base)
         time_rope = rope_tables(torch.arange(past_len, past_len + t, device=x.device), hd, base)
         new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if block.attends_over_time:
-                past = cache.layers.get(i) if cache is not None else None
-                x, new_kv[i] = block(x, time_rope, None, past)
+            rope, block_mask = (time_rope, None) if block.attends_over_time else (space_rope, mask)
+            past = cache.layers.get(i) if cache is not None and block.attends_over_time else None
+            if recompute:
+                # Non-reentrant checkpointing replays dropout's RNG and autocast state, so the
+                # recomputed activations equal the stored ones would have.
+                x, kv = torch.utils.checkpoint.checkpoint(block, x, rope, block_mask, past, use_reentrant=False)
             else:
-                x, _ = block(x, space_rope, mask, None)
+                x, kv = block(x, rope, block_mask, past)
+            if block.attends_over_time:
+                new_kv[i] = kv
         if cache is not None and update_cache:
             cache.layers.update(new_kv)
             cache.length += t

@@ -6,6 +6,11 @@ Loss (paper, design.md 3): MSE + lpips_weight * LPIPS on the full reconstructed 
 divided by a running estimate of its RMS so neither dominates by scale. Writes to
 `<out_dir>/tokenizer/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/, images/ (input | masked |
 reconstruction grids).
+
+Logged metrics: `loss` is the optimized, RMS-normalized total (it drifts towards 1 as training
+settles, so it does not show progress); `recon_loss` = mse + lpips_weight * lpips before
+normalization, `mse`, `lpips` and `psnr_masked_train` (PSNR of the whole frame reconstructed from
+the masked input) do.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> to
 
 
 def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
+    """Train cfg.tokenizer on the training split of cfg.data.path into <cfg.out_dir>/tokenizer (module doc);
+    `resume` continues from its checkpoint exactly (model, optimizer, normalizers, RNG, data order)."""
     stage = cfg.tokenizer
     data = SequenceDataset(
         cfg.data.path, seq_len=stage.train.seq_len, stride=cfg.data.stride, split="train",
@@ -53,12 +60,15 @@ def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         target = patchify(frames, patch)
         mse = (out["reconstructed"].float() - target).square().mean()
         loss = norms["mse"](mse)
+        recon_loss = mse.detach()
         metrics = {"mse": mse.detach(), "psnr_masked_train": -10 * torch.log10(mse.detach().clamp_min(1e-10))}
         if lpips is not None:
             recon = unpatchify(out["reconstructed"], patch).flatten(0, 1)
-            perceptual = lpips(recon, frames.flatten(0, 1)).mean()
+            perceptual = lpips(recon, frames.flatten(0, 1)).mean().float()
             loss = loss + stage.lpips_weight * norms["lpips"](perceptual)
+            recon_loss = recon_loss + stage.lpips_weight * perceptual.detach()
             metrics["lpips"] = perceptual.detach()
+        metrics["recon_loss"] = recon_loss
         return loss, metrics
 
     def on_image(step: int, model: Tokenizer, batch: dict) -> dict:

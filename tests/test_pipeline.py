@@ -1,0 +1,139 @@
+"""Tests of `dreamerv4 run` (src/dreamerv4/pipeline.py) end to end with a tiny config.
+
+    pytest tests/test_pipeline.py -q -x
+
+record -> validate -> tokenizer -> eval_tokenizer into one run folder; a second run skips the
+finished stages and rewrites nothing; a data.path the user filled is read, never written; a
+tokenizer stopped by its time limit lets the pipeline go on; an interrupted recording is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreamerv4.checkpoint import load_checkpoint
+from dreamerv4.cli import main
+from dreamerv4.config import load_config
+from dreamerv4.data.episodes import validate_root
+from dreamerv4.evaluation.cells import CellClassifier
+from dreamerv4.pipeline import INCOMPLETE_MARKER, stage_record
+from dreamerv4.run_config import RunConfig
+
+NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
+STAGES = ["record", "validate", "tokenizer", "eval_tokenizer"]
+
+
+def write_config(path: Path, out_dir: Path, data_path: Path, *, record: dict, **train) -> Path:
+    config = {
+        "out_dir": str(out_dir),
+        "record": {"seed": 3, "heldout_seed": 4, "policy": "random", "max_steps": 30, **record},
+        "data": {"path": str(data_path)},
+        "tokenizer": {"model": {"encoder": NET, "decoder": NET},
+                      "train": {"steps": 4, "batch_size": 2, "seq_len": 2, "warmup_steps": 1, "log_every": 1,
+                                "image_every": 2, "precision": "fp32", "device": "cpu", "tensorboard": False,
+                                "threads": 1, **train},
+                      "lpips_weight": 0.2},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def quick_cell_classifier(monkeypatch):
+    """The eval stage fits the cell classifier for 1000 steps by default; 20 do for plumbing tests."""
+    original_fit = CellClassifier.fit.__func__
+    monkeypatch.setattr(CellClassifier, "fit", classmethod(
+        lambda cls, *args, **kwargs: original_fit(cls, *args, **{**kwargs, "steps": 20})))
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, str]]:
+    """{path: (mtime_ns, sha256)} of every file below the roots."""
+    return {str(p): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_run_records_trains_evaluates_then_skips_finished_stages(tmp_path, capsys):
+    data, out = tmp_path / "data" / "crafter", tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", out, data, record={"episodes": 2, "heldout_episodes": 1})
+    assert main(["run", "--config", str(config)]) == 0
+    first_output = capsys.readouterr().out
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == STAGES
+    stages = summary["stages"]
+    heldout = tmp_path / "data" / "crafter-heldout"
+    assert stages["record"] == {"seconds": stages["record"]["seconds"],
+                                str(data): {"recorded": True, "episodes": 2, "frames": 60},
+                                str(heldout): {"recorded": True, "episodes": 1, "frames": 30}}
+    assert stages["validate"][str(data)] == {"episodes": 2, "frames": 60}
+    assert stages["validate"][str(heldout)] == {"episodes": 1, "frames": 30}
+    assert stages["tokenizer"]["step"] == 4 and stages["tokenizer"]["done"]
+    assert stages["tokenizer"]["stop_reason"] == "done"
+    evaluation = stages["eval_tokenizer"]
+    assert evaluation["data"] == str(heldout) and evaluation["split"] == "all"
+    assert 0 < evaluation["psnr"] < 60 and 0 <= evaluation["object_retention"] <= 1
+    run_dir = out / "tokenizer"
+    assert load_checkpoint(run_dir / "checkpoint.pt")["done"]
+    assert json.loads((run_dir / "eval.json").read_text())["psnr"] == evaluation["psnr"]
+    assert (run_dir / "eval.png").is_file() and len(list((run_dir / "images").glob("*.png"))) == 2
+    assert load_config(RunConfig, out / "config.yaml") == load_config(RunConfig, config)
+    assert "[4/4] eval_tokenizer" in first_output
+
+    before = snapshot(data, heldout, run_dir)
+    assert main(["run", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert "[3/4] tokenizer: done, skipped" in output and "[4/4] eval_tokenizer: done, skipped" in output
+    assert output.count("episodes present, using them as they are") == 2
+    assert snapshot(data, heldout, run_dir) == before  # nothing re-recorded, retrained or re-evaluated
+    again = json.loads((out / "summary.json").read_text())["stages"]
+    assert again["tokenizer"] == stages["tokenizer"] and again["eval_tokenizer"] == stages["eval_tokenizer"]
+    assert again["record"][str(data)] == {"recorded": False, "episodes": 2}
+
+
+def test_user_data_is_never_written_and_a_time_limited_tokenizer_counts_as_finished(
+        tiny_crafter_copy, tmp_path, capsys):
+    user_data = tiny_crafter_copy
+    before = snapshot(user_data)
+    out = tmp_path / "run"
+    # record.episodes > 0 on purpose: the folder already holds episodes, so nothing may be recorded.
+    # 1000 steps cannot finish in 0.1 s: the time limit ends training.
+    config = write_config(tmp_path / "tiny.yaml", out, user_data, record={"episodes": 2, "heldout_episodes": 0},
+                          steps=1000, time_limit_min=0.1 / 60)
+    assert main(["run", "--config", str(config)]) == 0
+    assert "episodes present, using them as they are" in capsys.readouterr().out
+
+    assert snapshot(user_data) == before
+    assert not Path(f"{user_data}-heldout").exists()
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert list(stages) == STAGES
+    assert stages["record"][str(user_data)] == {"recorded": False, "episodes": 3}
+    tokenizer = stages["tokenizer"]
+    assert tokenizer["stop_reason"] == "time_limit" and not tokenizer["done"] and 1 <= tokenizer["step"] < 1000
+    # No held-out folder: evaluation uses the validation split of data.path.
+    assert stages["eval_tokenizer"]["data"] == str(user_data) and stages["eval_tokenizer"]["split"] == "val"
+
+    checkpoint = out / "tokenizer" / "checkpoint.pt"
+    mtime = checkpoint.stat().st_mtime_ns
+    assert main(["run", "--config", str(config)]) == 0  # used to stop at the time limit again, forever
+    assert "[3/4] tokenizer: done, skipped" in capsys.readouterr().out
+    assert checkpoint.stat().st_mtime_ns == mtime
+    assert snapshot(user_data) == before
+
+
+def test_interrupted_recording_is_recorded_again(tmp_path):
+    data = tmp_path / "data"
+    broken = data / "episode_00000"
+    broken.mkdir(parents=True)
+    (broken / "frames.npy").write_bytes(b"cut short")  # what a killed recording leaves
+    (data / INCOMPLETE_MARKER).touch()
+    cfg = load_config(RunConfig, overrides=[f"data.path={data}", "record.episodes=1", "record.heldout_episodes=0",
+                                            "record.max_steps=10"])
+    assert stage_record(cfg) == {str(data): {"recorded": True, "episodes": 1, "frames": 10}}
+    assert not (data / INCOMPLETE_MARKER).exists()
+    summary = validate_root(data)
+    assert summary["problems"] == [] and summary["frames"] == 10
