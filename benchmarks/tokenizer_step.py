@@ -1,9 +1,9 @@
 """Throughput, FLOP/s, matmul utilization and peak memory of one full tokenizer training step on CPU.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py            # seed size, fp32 + bf16
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --precisions bf16 --repeats 3
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --precisions bf16 --repeats 4
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --batch 2 --profile   # where time goes
-    python benchmarks/tokenizer_step.py --threads 2 --checkpoint-activations --compile
+    ... --checkpoint-activations | --malloc-tuned | --compile | --threads 2     # variants, see --help
 
 One step is what `dreamerv4 train tokenizer` does per update (training/tokenizer.py + training/loop.py):
 forward at the configured mask rate (seed: 0.75), loss = RunningRMS-normalized MSE + 0.2 x
@@ -12,21 +12,27 @@ clipping at 1.0, AdamW update (the loop's parameter groups), zero_grad. bf16 mea
 `torch.autocast("cpu", dtype=torch.bfloat16)` around forward and loss, exactly as the loop does.
 Frames are random (timing does not depend on content).
 
-Each precision runs in a fresh subprocess, so its peak resident memory (`ru_maxrss`) is its own.
-The same subprocess, with the same thread count, measures the bf16 matmul peak (square matmuls of
-512..2048, best of several) right before and after the timed steps; utilization = model FLOP/s /
-that peak. All rates are per second of process CPU time *and* per second of wall-clock time: on
-this shared 2-core machine other processes time-share the core (a 1024^3 bf16 matmul measured
-220, 100 or 67 GFLOP/s of wall time depending on how many processes shared the core, but a
-steady ~210 per CPU second), so CPU-time rates are the comparable ones and wall-clock rates say
-what a training run would have seen at that moment.
+Each precision runs in a fresh subprocess, so its peak resident memory (`ru_maxrss`, the whole
+process: Python, torch, model, AdamW state, LPIPS, activations) is its own. The same subprocess,
+with the same thread count and CPU affinity, measures the bf16 matmul peak (square matmuls of
+512..2048, best of several) right before and after the timed steps, and the fp32 one after;
+utilization = model FLOP/s / bf16 peak. Pin the whole run to one core (`taskset -c 1`) with one
+thread for a fair ratio. Rates are given per second of process CPU time (user + system) *and*
+per second of wall-clock time: on this shared 2-core machine other processes time-share the core
+(a 1024^3 bf16 matmul measured 220, 100 or 67 GFLOP/s of wall time depending on how many
+processes shared it, but a steady ~210 per CPU second), so CPU-time rates are the comparable
+ones and wall-clock rates say what a training run would have seen at that moment. System time
+(`step_sys_s`) is mostly page faults: glibc unmaps freed blocks over its mmap threshold and the
+next step faults them back in; `--malloc-tuned` (glibc keeps blocks up to 32 MB) and `--thp`
+(huge pages for larger ones) show the step with less of that.
 
 Model FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (matmuls, batched matmuls,
 convolutions; forward and backward) on a one-sequence step of the same config, scaled by the
 batch (every count is linear in it), and cross-checked against the analytic count of the
 transformer's matmuls (`analytic_model_flops`). Without activation checkpointing (the count
 never includes recomputation: model FLOPs, not hardware FLOPs). LPIPS FLOPs are reported apart.
-Writes benchmarks/results/tokenizer_step.json (or --out).
+Writes benchmarks/results/tokenizer_step.json (or --out). To measure an older model version,
+put a copy of its `dreamerv4` package first on PYTHONPATH (how the "baseline" results were made).
 """
 
 from __future__ import annotations
@@ -145,7 +151,7 @@ def count_flops(args: argparse.Namespace, precision: str) -> dict[str, float]:
             "ops": {str(op): args.batch * n for op, n in by_module["Global"].items()}}
 
 
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, seconds_per_size: float = 0.6) -> dict[str, float]:
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, seconds_per_size: float = 0.5) -> dict[str, float]:
     """Best FLOP/s of square matmuls, per CPU second and per wall second (the best single call)."""
     best_cpu, best_wall = 0.0, 0.0
     for n in PEAK_SIZES:
@@ -181,25 +187,37 @@ def worker(args: argparse.Namespace) -> dict:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     step()  # warm-up: allocator, kernel selection (and compilation with --compile)
     first = {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0}
-    cpu_s, wall_s = [], []
+    cpu_s, sys_s, wall_s = [], [], []
     for _ in range(args.repeats):
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        usage0, cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         loss = step()
         cpu_s.append(time.process_time() - cpu0)
         wall_s.append(time.perf_counter() - wall0)
+        sys_s.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - usage0.ru_stime)  # page faults, mostly
     peak_after = matmul_peak()
     return {
-        "first_step": first, "cpu_s": cpu_s, "wall_s": wall_s, "last_loss": loss,
+        "first_step": first, "cpu_s": cpu_s, "sys_s": sys_s, "wall_s": wall_s, "last_loss": loss,
         "threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_setup_mb": rss_setup_mb,
         "bf16_matmul_peak_before": peak_before, "bf16_matmul_peak_after": peak_after,
+        "fp32_matmul_peak": matmul_peak(torch.float32),
     }
+
+
+# glibc malloc: serve blocks up to 32 MB (its maximum) from the heap and never trim it, so the
+# activations freed after each backward are reused instead of being unmapped and page-faulted
+# back in (zeroed) during the next step. Read by glibc at process start, hence the environment.
+MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+# PyTorch's CPU allocator: 2 MB-aligned blocks with transparent huge pages (madvise), so a block
+# over glibc's 32 MB limit costs one fault per 2 MB instead of one per 4 KB page.
+THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def run_worker(args: argparse.Namespace, precision: str) -> dict:
     argv = [sys.executable, __file__, "--worker", precision, *sys.argv[1:]]
-    result = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
+    env = {**os.environ, **(MALLOC_TUNED_ENV if args.malloc_tuned else {}), **(THP_ENV if args.thp else {})}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode:
         raise SystemExit(f"{precision} worker failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -207,17 +225,21 @@ def run_worker(args: argparse.Namespace, precision: str) -> dict:
 
 def summarize(raw: dict, flops: dict, frames_per_step: int) -> dict:
     best_cpu, best_wall = min(raw["cpu_s"]), min(raw["wall_s"])
+    median_cpu = sorted(raw["cpu_s"])[len(raw["cpu_s"]) // 2]
     peak_cpu = max(raw["bf16_matmul_peak_before"]["per_cpu_s"], raw["bf16_matmul_peak_after"]["per_cpu_s"])
     peak_wall = max(raw["bf16_matmul_peak_before"]["per_wall_s"], raw["bf16_matmul_peak_after"]["per_wall_s"])
     model_flops, all_flops = flops["model_fwd_bwd"], flops["model_fwd_bwd"] + flops["lpips"]
     return {
         "frames_per_cpu_s": frames_per_step / best_cpu,
+        "frames_per_cpu_s_median": frames_per_step / median_cpu,
         "frames_per_wall_s": frames_per_step / best_wall,
-        "step_cpu_s": raw["cpu_s"], "step_wall_s": raw["wall_s"], "first_step": raw["first_step"],
+        "step_cpu_s": raw["cpu_s"], "step_sys_s": raw["sys_s"], "step_wall_s": raw["wall_s"],
+        "first_step": raw["first_step"],
         "model_gflop_per_cpu_s": model_flops / best_cpu / 1e9,
         "model_gflop_per_wall_s": model_flops / best_wall / 1e9,
         "bf16_matmul_peak_gflop_per_cpu_s": peak_cpu / 1e9,
         "bf16_matmul_peak_gflop_per_wall_s": peak_wall / 1e9,
+        "fp32_matmul_peak_gflop_per_cpu_s": raw["fp32_matmul_peak"]["per_cpu_s"] / 1e9,
         "utilization_cpu_time": model_flops / best_cpu / peak_cpu,
         "utilization_with_lpips_cpu_time": all_flops / best_cpu / peak_cpu,
         "utilization_wall_time": model_flops / best_wall / peak_wall,
@@ -234,12 +256,14 @@ def summarize(raw: dict, flops: dict, frames_per_step: int) -> dict:
 CATEGORIES = {  # first matching substring of the op name wins
     "matmul (mm/bmm/addmm)": ("aten::mm", "aten::bmm", "aten::addmm"),
     "lpips convolutions": ("convolution", "max_pool"),
-    "softmax + soft cap": ("softmax", "tanh"),
+    "softmax + soft cap": ("softmax", "tanh", "sigmoid"),
     "dtype casts and copies": ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone"),
     "optimizer": ("lerp", "addcdiv", "_foreach", "sqrt"),
     "swiglu": ("silu",),
     "other elementwise": ("aten::mul", "aten::add", "aten::div", "aten::sub", "aten::pow", "aten::neg",
-                          "aten::rsqrt", "aten::mean", "aten::sum", "aten::where", "aten::clamp", "rms_norm"),
+                          "aten::rsqrt", "aten::mean", "aten::sum", "aten::where", "aten::clamp", "rms_norm",
+                          "vector_norm", "aten::mv", "aten::masked_fill", "aten::square", "aten::fill_",
+                          "aten::zero_"),
 }
 
 
@@ -303,6 +327,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-activations", action="store_true", help="TransformerConfig option")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder stacks")
     parser.add_argument("--no-lpips", action="store_true", help="MSE only (the training's lpips_weight=0)")
+    parser.add_argument("--malloc-tuned", action="store_true", help=f"run the steps with {MALLOC_TUNED_ENV}")
+    parser.add_argument("--thp", action="store_true", help=f"run the steps with {THP_ENV}")
     parser.add_argument("--profile", action="store_true", help="op-time breakdown of one step instead")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -313,7 +339,12 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "out", "note", "profile")}
-    run: dict = {"config": config, "machine": machine(), "note": args.note, "load_average_before": os.getloadavg()}
+    run: dict = {
+        "config": config, "machine": machine(), "note": args.note,
+        "measurement": f"{args.threads} torch thread(s) on CPU(s) {sorted(os.sched_getaffinity(0))} (step and matmul "
+                       "peak alike); rates per CPU second (user + system) and per wall second",
+        "load_average_before": os.getloadavg(),
+    }
     if args.profile:
         run["profile"] = profile(args)
     else:

@@ -96,8 +96,12 @@ def stage_eval_tokenizer(cfg: RunConfig) -> dict:
 
     heldout = heldout_path(cfg)
     data, split = (heldout, "all") if heldout.is_dir() else (Path(cfg.data.path), "val")
-    return evaluate_tokenizer(Path(cfg.out_dir) / "tokenizer" / "checkpoint.pt", data, split=split,
-                              fit_data=Path(cfg.data.path))
+    result = evaluate_tokenizer(Path(cfg.out_dir) / "tokenizer" / "checkpoint.pt", data, split=split,
+                                fit_data=Path(cfg.data.path))
+    print(f"[eval_tokenizer] {result['frames']} held-out frames: PSNR {result['psnr']:.2f} dB, "
+          f"SSIM {result['ssim']:.3f}, LPIPS {result['lpips']:.3f}, "
+          f"object retention {100 * (result.get('object_retention') or 0.0):.1f}%")
+    return result
 
 
 STAGES: list[tuple[str, Callable[[RunConfig], dict]]] = [

@@ -239,3 +239,163 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32():
     assert (y.float() - model(x)).abs().mean() < 0.05
     y.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_bias_adds_to_capped_logits_in_value_and_gradient(kv_heads):
+    torch.manual_seed(5)
+    q = (torch.randn(2, 4, 5, 8) * 3).requires_grad_()
+    k = (torch.randn(2, kv_heads, 7, 8) * 3).requires_grad_()
+    v = torch.randn(2, kv_heads, 7, 8).requires_grad_()
+    bias = torch.randn(4, 5, 7) * 2  # per query head
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True
+
+    def reference(q, k, v):
+        groups = 4 // kv_heads
+        kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        logits = 3.0 * torch.tanh(q @ kr.transpose(-1, -2) / math.sqrt(8) / 3.0) + bias
+        return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ vr
+
+    got = attention(q, k, v, causal=False, mask=mask, soft_cap=3.0, bias=bias)
+    want = reference(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # A strongly negative bias acts like the boolean mask.
+    hidden = torch.zeros(4, 5, 7).masked_fill(~mask, -1e4)
+    torch.testing.assert_close(
+        attention(q, k, v, causal=False, soft_cap=3.0, bias=hidden),
+        attention(q, k, v, causal=False, soft_cap=3.0, mask=mask), atol=1e-5, rtol=1e-5,
+    )
+
+
+def test_space_bias_reaches_space_layers_only_and_keeps_causality():
+    model = tiny()
+    x = torch.randn(2, 3, 5, 32)
+    bias = torch.randn(4, 5, 5)
+    with torch.no_grad():
+        plain, biased = model(x), model(x, space_bias=bias)
+        assert (plain - biased).abs().amax() > 1e-3
+        changed = x.clone()
+        changed[:, 2] = torch.randn(2, 5, 32)
+        torch.testing.assert_close(model(changed, space_bias=bias)[:, :2], biased[:, :2], atol=0, rtol=0)
+        cache = KVCache()
+        steps = [model(x[:, t : t + 1], cache=cache, space_bias=bias) for t in range(3)]
+    torch.testing.assert_close(torch.cat(steps, 1), biased, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="space_bias"):
+        model(x, space_bias=torch.zeros(4, 6, 6))
+
+
+# -- the hand-written autograd Functions against the textbook formulas, and checkpointing -------
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 20])  # one chunk; several row chunks
+def test_fused_functions_have_exact_gradients(monkeypatch, chunk_elements):
+    from torch.autograd import gradcheck
+
+    from dreamerv4.models import transformer
+
+    monkeypatch.setattr(transformer, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(6)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, gain = torch.randn(3, 5, 8, **f64), (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    assert gradcheck(lambda x, g: transformer._RMSNormFunction.apply(x, g, 1e-6), (x, gain))
+    # QKNorm + RoPE on a strided view, as it reads the fused qkv projection.
+    qkv = torch.randn(2, 5, 3, 16, **f64)
+    cos, sin = torch.randn(5, 8, **f64), torch.randn(5, 8, **f64)
+    assert gradcheck(lambda t, c, s: transformer._NormRope.apply(t[..., :8], c, s, 1e-6), (qkv, cos, sin))
+    gate, up = torch.randn(4, 6, **f64), torch.randn(4, 6, **f64)
+    assert gradcheck(transformer._SwiGLUGate.apply, (gate, up))
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 3.0])
+def test_chunked_attention_matches_reference_in_value_and_gradient(monkeypatch, soft_cap):
+    from dreamerv4.models import transformer
+
+    monkeypatch.setattr(transformer, "_CHUNK_ELEMENTS", 250)  # 2 of the 7 sequences (2 x 10 x 6 logits each) per chunk
+    torch.manual_seed(7)
+    q = (torch.randn(7, 4, 5, 8) * 3).requires_grad_()
+    k = (torch.randn(7, 2, 6, 8) * 3).requires_grad_()
+    v = torch.randn(7, 2, 6, 8).requires_grad_()
+    mask = torch.rand(5, 6) > 0.3
+    mask[:, -1] = True
+    got = attention(q, k, v, causal=True, mask=mask, soft_cap=soft_cap)
+    want = reference_attention(q, k, v, True, mask, soft_cap)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_layer_matches_the_textbook_formulas():
+    """QKNorm gains folded into RoPE tables, sigmoid-form soft cap, split SwiGLU: same numbers
+    (and gradients) as rms_norm -> apply_rope -> cap * tanh -> softmax written out plainly."""
+    model = tiny(num_kv_heads=2)
+    block = model.blocks[0]
+    attn = block.attn
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    rope = rope_tables(torch.arange(7), 8, 10000.0)
+
+    def textbook(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (x @ attn.qkv.weight.T).split([32, 16, 16], dim=-1)
+        heads = lambda t: t.view(3, 7, -1, 8).transpose(1, 2)  # noqa: E731
+        q = apply_rope(F.rms_norm(heads(q), (8,), attn.q_norm.weight, attn.q_norm.eps), *rope)
+        k = apply_rope(F.rms_norm(heads(k), (8,), attn.k_norm.weight, attn.k_norm.eps), *rope)
+        y = reference_attention(q, k, heads(v), False, None, attn.soft_cap)
+        h = x + y.transpose(1, 2).reshape(3, 7, 32) @ attn.out.weight.T
+        n = F.rms_norm(h, (32,), block.ffn_norm.weight, block.ffn_norm.eps)
+        gate, up = (n @ block.ffn.gate_up.weight.T).chunk(2, dim=-1)
+        return h + (F.silu(gate) * up) @ block.ffn.down.weight.T
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        h = x + attn(x, rope, causal=False)[0]
+        return h + block.ffn(block.ffn_norm(h))
+
+    got, want = fused(x), textbook(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    params = [x, attn.qkv.weight, attn.q_norm.weight, attn.k_norm.weight, block.ffn_norm.weight, block.ffn.gate_up.weight]
+    grad = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(autocast):
+    plain = tiny(dropout=0.1).train()
+    recomputed = tiny(dropout=0.1, checkpoint_activations=True).train()
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 5, 32)
+    results = []
+    for model in (plain, recomputed):
+        torch.manual_seed(8)  # the same dropout masks; checkpointing must replay them in the recompute
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        y.float().square().mean().backward()
+        results.append((y.float(), {n: p.grad for n, p in model.named_parameters()}))
+    (y_plain, grads_plain), (y_recomputed, grads_recomputed) = results
+    torch.testing.assert_close(y_recomputed, y_plain, atol=0, rtol=0)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_recomputed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # The recompute happens in training only: evaluation and caches take the plain path.
+    with torch.no_grad():
+        torch.testing.assert_close(recomputed.eval()(x), plain.eval()(x), atol=0, rtol=0)
+
+
+def test_activation_checkpointing_keeps_a_fraction_of_the_activations():
+    def saved_bytes(model: SpaceTimeTransformer) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()(torch.randn(2, 4, 5, 32))
+        return sum(storages.values())
+
+    plain, recomputed = saved_bytes(tiny()), saved_bytes(tiny(checkpoint_activations=True))
+    assert 0 < recomputed < plain / 4

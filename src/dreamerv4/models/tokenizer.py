@@ -45,6 +45,11 @@ class TokenizerConfig:
     mask_mode: Literal["fixed", "uniform"] = "fixed"
     mask_rate: float = 0.75
     mask_max: float = 0.9
+    # 2D locality prior (ALiBi-like, in the space layers of both stacks): logit bias
+    # -slope_h * distance between the tokens' (row, col) positions, in patch units. Patches and
+    # patch queries sit on their grid cells, latent tokens on an evenly spread sqrt(L) x sqrt(L)
+    # grid. Head h gets slope locality_slope * 2**-h, the last head 0 (global). 0 disables (seed).
+    locality_slope: float = 0.0
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.image_size % self.patch_size:
@@ -55,6 +60,10 @@ class TokenizerConfig:
             raise ValueError(f"mask_rate ({self.mask_rate}) and mask_max ({self.mask_max}) must be in [0, 1)")
         if self.num_latents < 1 or self.latent_dim < 1:
             raise ValueError("num_latents and latent_dim must be >= 1")
+        if self.locality_slope < 0:
+            raise ValueError(f"locality_slope must be >= 0, got {self.locality_slope}")
+        if self.locality_slope > 0 and round(self.num_latents**0.5) ** 2 != self.num_latents:
+            raise ValueError(f"locality_slope needs a square number of latents, got {self.num_latents}")
 
     @property
     def num_patches(self) -> int:
@@ -71,6 +80,26 @@ def patchify(frames: torch.Tensor, patch_size: int) -> torch.Tensor:
     gh, gw = h // patch_size, w // patch_size
     x = frames.reshape(-1, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(*lead, gh * gw, patch_size * patch_size * c)
+
+
+def token_grid_positions(cfg: TokenizerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) positions in patch units: patches (N, 2) on their raster-order cells, latent
+    tokens (L, 2) in raster order on an evenly spread sqrt(L) x sqrt(L) grid over the same image."""
+    grid = cfg.image_size // cfg.patch_size
+    cells = torch.arange(grid, dtype=torch.float32)
+    patches = torch.stack(torch.meshgrid(cells, cells, indexing="ij"), dim=-1).reshape(-1, 2)
+    side = round(cfg.num_latents**0.5)
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) * (grid / side) - 0.5
+    latents = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1).reshape(-1, 2)
+    return patches, latents
+
+
+def locality_bias(positions: torch.Tensor, num_heads: int, slope: float) -> torch.Tensor:
+    """Attention-logit bias (num_heads, S, S) = -slope_h * distance(token i, token j) for positions
+    (S, 2); slope_h = slope * 2**-h, and the last head gets 0 so it stays global."""
+    slopes = torch.tensor([slope * 2.0**-h for h in range(num_heads - 1)] + [0.0])
+    distance = torch.cdist(positions, positions)
+    return -slopes[:, None, None] * distance
 
 
 def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
@@ -108,6 +137,15 @@ class Tokenizer(nn.Module):
         # gradients tame, while leaving the decoder's output visibly input-dependent.
         nn.init.normal_(self.to_patch.weight, std=0.005)
         nn.init.constant_(self.to_patch.bias, 0.5)
+        encoder_bias = decoder_bias = None
+        if cfg.locality_slope > 0:
+            patch_pos, latent_pos = token_grid_positions(cfg)
+            encoder_bias = locality_bias(torch.cat((patch_pos, latent_pos)), cfg.encoder.num_heads, cfg.locality_slope)
+            decoder_bias = locality_bias(torch.cat((latent_pos, patch_pos)), cfg.decoder.num_heads, cfg.locality_slope)
+        # Fixed priors (not parameters, not saved): token order is patches then latents in the
+        # encoder, latents then patch queries in the decoder.
+        self.register_buffer("encoder_bias", encoder_bias, persistent=False)
+        self.register_buffer("decoder_bias", decoder_bias, persistent=False)
 
     # -- masks ---------------------------------------------------------------------------------
 
@@ -160,7 +198,7 @@ class Tokenizer(nn.Module):
             tokens = torch.where(mask.to(tokens.device)[..., None], self.mask_token.to(tokens.dtype), tokens)
         tokens = tokens + self.patch_pos.to(tokens.dtype)
         latent_tokens = self.latent_tokens.to(tokens.dtype).expand(b, t, -1, -1)
-        h = self.encoder(torch.cat((tokens, latent_tokens), dim=2), cache=cache)
+        h = self.encoder(torch.cat((tokens, latent_tokens), dim=2), cache=cache, space_bias=self.encoder_bias)
         return torch.tanh(self.to_latent(h[:, :, n:]))
 
     def decode_patches(self, latents: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -168,7 +206,7 @@ class Tokenizer(nn.Module):
         b, t, lat, _ = latents.shape
         h = self.from_latent(latents) + self.latent_slot.to(latents.dtype)
         queries = self.patch_queries.to(h.dtype).expand(b, t, -1, -1)
-        h = self.decoder(torch.cat((h, queries), dim=2), cache=cache)
+        h = self.decoder(torch.cat((h, queries), dim=2), cache=cache, space_bias=self.decoder_bias)
         return self.to_patch(h[:, :, lat:])
 
     def forward(
