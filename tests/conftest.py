@@ -3,6 +3,7 @@ use `tiny_crafter_copy` for tests that modify episodes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 # Test models are tiny: with 2 threads torch spends more time in its thread pool than computing
 # (a tokenizer test file took 4 s on 1 thread, 15-57 s on 2 while the machine was busy).
 torch.set_num_threads(1)
+# Subprocesses (kill/resume tests) must use the same thread count, or float sums differ bitwise.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 TINY_CRAFTER_EPISODES = 3
 TINY_CRAFTER_STEPS = 40
