@@ -1,0 +1,288 @@
+"""The run report: a structurally real run folder (written with the project's own writers where cheap)
+rendered to report.html, loaded in headless Chromium to check that every image and video decodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from dreamerv4.config import save_config
+from dreamerv4.errors import UserError
+from dreamerv4.evaluation.report import (CRAFTER_EVAL_FILES, NOT_RUN, SECTIONS, crafter_eval_path, read_jsonl,
+                                         svg_line_plot, write_report)
+from dreamerv4.run_config import RunConfig
+from dreamerv4.training.logging import MetricsLog, image_grid, save_png
+
+ACHIEVEMENTS = ["collect_drink", "collect_sapling", "collect_wood", "place_plant", "wake_up"]
+
+
+def _frames(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """(n, size, size, 3) uint8: a moving gradient with noise, so GIF/MP4 frames differ."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    out = []
+    for t in range(n):
+        r = np.roll(ramp, 4 * t)[None, :].repeat(size, 0)
+        frame = np.stack([r, r.T, np.full_like(r, 40 * (t % 6))], -1) + rng.normal(0, 8, (size, size, 3))
+        out.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _write_metrics(stage_dir: Path, steps: int, extra_key: str) -> None:
+    """metrics.jsonl through the loop's own writer: train records (loss falling, a NaN one), a skipped
+    update, eval records, and a training-time image."""
+    log = MetricsLog(stage_dir, tensorboard=False)
+    for step in range(10, steps + 1, 10):
+        loss = 2.0 * np.exp(-step / 100) + 0.1
+        log.write({"kind": "train", "step": step, "elapsed_min": step / 600, "lr": 3e-4 * min(1, step / 50),
+                   "loss": float(loss), "grad_norm": 1.0 / step ** 0.5, "samples_per_s": 120.0,
+                   "frames_per_s": 1900.0, extra_key: float(loss / 2)})
+        if step == 60:
+            log.write({"kind": "nonfinite", "step": step, "loss": float("nan"), "grad_norm": float("inf")})
+        if step % 50 == 0:
+            log.write({"kind": "eval", "step": step, "elapsed_min": step / 600, "psnr": 15 + step / 20})
+    log.write({"kind": "train", "step": steps + 10, "elapsed_min": 1.0, "loss": float("nan")})
+    log.write_image("input|recon", 50, image_grid(_frames(4, 1), ncols=4))
+    log.write_image("input|recon", 100, image_grid(_frames(4, 2), ncols=4))
+    log.close()
+
+
+def build_run(run: Path) -> Path:
+    """A run folder laid out as `dreamerv4 run` and the evaluations leave it; the agent and imagination
+    stages and the imagination-trained policy's game evaluation did not run."""
+    save_config(RunConfig(out_dir=str(run)), run / "config.yaml")
+    summary = {"stages": {
+        "record": {"seconds": 95.3, "data/crafter": {"recorded": True, "episodes": 20, "frames": 4100}},
+        "validate": {"seconds": 1.2, "data/crafter": {"episodes": 20, "frames": 4100}},
+        "tokenizer": {"seconds": 612.0, "loss": 0.31, "step": 200, "done": True, "stop_reason": "done",
+                      "train_time_min": 10.2},
+        "eval_tokenizer": {"seconds": 30.5, "psnr": 24.9, "ssim": 0.81},
+    }}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_metrics(run / "tokenizer", 200, "mse")
+    _write_metrics(run / "dynamics", 120, "shortcut_loss")
+
+    tok_eval = {"checkpoint": str(run / "tokenizer/checkpoint.pt"), "frames": 256, "psnr": 24.9, "ssim": 0.81,
+                "lpips": 0.12, "object_retention": None, "per_label": {"tree": 0.9, "water": 0.95},
+                "references": {"avg_pool_4x4": {"psnr": 21.0, "ssim": 0.7}}}
+    (run / "tokenizer/eval.json").write_text(json.dumps(tok_eval))
+    real, recon = _frames(8, 3), _frames(8, 4)
+    save_png(run / "tokenizer/eval.png", image_grid(np.concatenate([real, recon]), ncols=8))
+
+    (run / "dynamics/eval.json").write_text(json.dumps({"psnr_imagined": 18.2, "horizon": 16}))
+    rollout_dir = run / "dynamics" / "rollouts"
+    rollout_dir.mkdir()
+    side_by_side = np.concatenate([_frames(12, 5), _frames(12, 6)], axis=2)  # real | imagined
+    imageio.mimsave(rollout_dir / "real_vs_imagined_0.gif", list(side_by_side), duration=0.1, loop=0)
+    imageio.mimsave(rollout_dir / "real_vs_imagined_1.mp4", list(side_by_side), fps=8)
+    # evaluation/dynamics.py writes eval.gif and eval.mp4 of one rollout: the report shows the MP4 only.
+    imageio.mimsave(run / "dynamics" / "eval.gif", list(side_by_side[:6]), duration=0.25, loop=0)
+    imageio.mimsave(run / "dynamics" / "eval.mp4", list(side_by_side[:6]), fps=4)
+
+    for policy, ret, score in (("random", 1.1, 1.9), ("bc", 4.6, 8.4)):
+        rates = {name: round(0.1 * (i + 1) * score / 8, 3) for i, name in enumerate(ACHIEVEMENTS)}
+        path = crafter_eval_path(run, policy)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"mean_return": ret, "return_ci95": [ret - 0.3, ret + 0.3], "crafter_score": score,
+                                    "achievements": rates, "episodes": 50, "seed": 100000}))
+    return run
+
+
+def _attribute_urls(page: str) -> list[str]:
+    return re.findall(r'\b(?:src|href)="([^"]*)"', page)
+
+
+def _sections(page: str) -> dict[str, str]:
+    return dict(re.findall(r'<section id="([^"]+)" data-filled="(true|false)"', page))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chromium
+
+LOAD_CHECK = """<img id="broken-control" src="data:image/png;base64,bm90IGEgcG5n" alt="">
+<script>
+const started = performance.now();
+function check() {
+  const videos = [...document.querySelectorAll('video')];
+  if (videos.some(v => v.readyState < 2 && !v.error) && performance.now() - started < 20000) {
+    setTimeout(check, 50); return;
+  }
+  const images = [...document.images].filter(i => i.id !== 'broken-control');
+  const control = document.getElementById('broken-control');
+  const result = {
+    images: images.length,
+    images_loaded: images.filter(i => i.complete && i.naturalWidth > 0).length,
+    videos: videos.length,
+    videos_loaded: videos.filter(v => v.readyState >= 2 && v.videoWidth > 0 && !v.error).length,
+    control_loaded: control.complete && control.naturalWidth > 0,
+    svgs: document.querySelectorAll('svg.plot').length,
+  };
+  const out = document.createElement('pre');
+  out.id = 'load-check';
+  out.textContent = JSON.stringify(result);
+  document.body.appendChild(out);
+}
+window.addEventListener('load', check);
+</script>"""
+
+
+def chromium_binary() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed: the test set-up (`make test`, run by .ci/run) installs Debian's "
+                    "`chromium` package with apt-get; it did not run or failed")
+    pytest.skip("chromium not installed (apt-get install -y chromium); CI installs it and never skips")
+
+
+def load_in_chromium(page_path: Path, profile: Path) -> dict:
+    """Open a copy of the page with LOAD_CHECK appended in headless Chromium (network names unresolvable)
+    and return what the check script found."""
+    copy = page_path.with_name("report-load-check.html")
+    copy.write_text(page_path.read_text().replace("</body>", LOAD_CHECK + "</body>"))
+    cmd = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--no-first-run", "--mute-audio", f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND",
+           "--virtual-time-budget=30000", "--dump-dom", copy.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="load-check">(.*?)</pre>', proc.stdout)
+    assert match, f"no load-check result from chromium (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+    return json.loads(match.group(1))
+
+
+def test_report_loads_in_chromium(tmp_path):
+    run = build_run(tmp_path / "run")
+    report = write_report(run)
+    page = report.read_text()
+
+    # Self-contained: every resource is a data URI (anchors point inside the page); no scripts.
+    urls = _attribute_urls(page)
+    assert urls and all(u.startswith(("data:", "#")) for u in urls), [u[:60] for u in urls if not u.startswith(("data:", "#"))]
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+
+    result = load_in_chromium(report, tmp_path / "chromium-profile")
+    # eval.png + latest training image of tokenizer and dynamics + one GIF; two MP4 <video>s.
+    assert result["images"] == 4 and result["images_loaded"] == 4, result
+    assert result["videos"] == 2 and result["videos_loaded"] == 2, result
+    assert result["control_loaded"] is False, "the load check cannot tell a broken image from a good one"
+    assert result["svgs"] >= 10, result
+
+    sections = _sections(page)
+    assert list(sections) == list(SECTIONS)
+    assert all(v == "true" for v in sections.values()), sections
+    # What did not run says so instead of showing numbers.
+    assert f"{NOT_RUN} (no {CRAFTER_EVAL_FILES['imagine']})" in page
+    assert f"{NOT_RUN}: no agent/metrics.jsonl" in page
+    assert "real_vs_imagined_0.gif" in page and "real_vs_imagined_1.mp4" in page
+
+
+def test_summary_json_keeps_stages_and_adds_report_data(tmp_path):
+    run = build_run(tmp_path / "run")
+    stages_before = json.loads((run / "summary.json").read_text())["stages"]
+    write_report(run)
+    summary = json.loads((run / "summary.json").read_text())  # strict JSON: NaN would fail to parse below
+    json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+
+    assert summary["stages"] == stages_before
+    assert summary["config"]["out_dir"] == str(run)
+    tok = summary["training"]["tokenizer"]
+    assert tok["step"] == 210 and tok["nonfinite_steps"] == 1
+    assert tok["last_train"]["loss"] == "nan"  # the loop's encoding of a NaN, passed through as it is
+    assert tok["last_eval"]["psnr"] == pytest.approx(25.0)
+    assert summary["stage_evals"]["tokenizer"]["psnr"] == 24.9
+    assert summary["crafter_eval"]["bc"]["mean_return"] == 4.6 and summary["crafter_eval"]["imagine"] is None
+    assert summary["report"]["sections"] == {sid: True for sid in SECTIONS}
+    assert summary["report"]["rollouts"] == ["dynamics/eval.mp4", "dynamics/rollouts/real_vs_imagined_0.gif",
+                                             "dynamics/rollouts/real_vs_imagined_1.mp4"]
+
+    # A second report (e.g. after a resumed run) replaces the first and keeps the stages.
+    write_report(run)
+    assert json.loads((run / "summary.json").read_text())["stages"] == stages_before
+
+
+def test_report_table_values_come_from_the_files(tmp_path):
+    run = build_run(tmp_path / "run")
+    page = write_report(run).read_text()
+    crafter = page[page.index('id="crafter-eval"'):]
+    assert "behaviour cloning</td><td class=\"num\">4.6</td><td class=\"num\">[4.3, 4.9]</td>" \
+           "<td class=\"num\">8.4</td><td class=\"num\">50</td>" in crafter
+    for name in ACHIEVEMENTS:
+        assert f"<td>{name}</td>" in crafter
+    assert "10:12" in page  # tokenizer wall time 612 s as m:ss
+    assert "train time" in page and "skipped non-finite updates" in page
+
+
+def test_empty_run_folder_is_all_not_run(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    page = write_report(run).read_text()
+    assert set(_sections(page).values()) == {"false"}
+    assert page.count(NOT_RUN) >= len(SECTIONS)
+    assert "<img" not in page and "<video" not in page and "<svg" not in page
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"] == {} and summary["config"] is None
+    assert summary["crafter_eval"] == {"random": None, "bc": None, "imagine": None}
+
+
+def test_unreadable_files_are_reported_not_fatal(tmp_path):
+    run = build_run(tmp_path / "run")
+    crafter_eval_path(run, "bc").write_text("{not json")
+    crafter_eval_path(run, "imagine").write_text(json.dumps({"mean_return": 3.0}))  # keys missing
+    page = write_report(run).read_text()
+    assert "crafter_bc.json: unreadable JSON" in page
+    assert "crafter_imagine.json: missing return_ci95, crafter_score, achievements, episodes" in page
+    summary = json.loads((run / "summary.json").read_text())
+    assert any("crafter_bc.json" in p for p in summary["report"]["problems"])
+
+    # A corrupt summary.json (the pipeline's record) is reported and left untouched, never replaced.
+    (run / "summary.json").write_text('{"stages": {"tok')
+    page = write_report(run).read_text()
+    assert "summary.json: unreadable JSON" in page
+    assert (run / "summary.json").read_text() == '{"stages": {"tok'
+
+    with pytest.raises(UserError, match="no such run folder"):
+        write_report(tmp_path / "missing")
+
+
+def test_read_jsonl_skips_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "train", "step": 2, "lo')
+    assert read_jsonl(path) == [{"kind": "train", "step": 1, "loss": 1.0}]
+
+
+def _polyline_points(svg: str) -> list[tuple[float, float]]:
+    root = ET.fromstring(svg)  # well-formed XML
+    ns = "{http://www.w3.org/2000/svg}"
+    pts = []
+    for line in root.iter(f"{ns}polyline"):
+        pts += [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+    return pts
+
+
+def test_svg_line_plot():
+    svg = svg_line_plot({"loss": [(0, 1.0), (10, float("nan")), (20, 0.5), (30, 0.25)]}, "a <b> & c")
+    pts = _polyline_points(svg)
+    assert len(pts) == 3  # NaN dropped
+    assert all(52 <= x <= 340 - 10 and 24 <= y <= 210 - 34 for x, y in pts)
+    assert pts[0][0] < pts[1][0] < pts[2][0] and pts[0][1] < pts[1][1] < pts[2][1]  # falling loss goes down
+    assert "a &lt;b&gt; &amp; c" in svg
+
+    assert "(log y)" in svg_line_plot({"lr": [(0, 1e-6), (1, 1e-3)]}, "lr")
+    assert "(log y)" not in svg_line_plot({"x": [(0, -1.0), (1, 100.0)]}, "x")
+    ET.fromstring(svg_line_plot({"c": [(0, 2.0), (5, 2.0)]}, "constant"))
+    assert "<circle" in svg_line_plot({"one": [(3, 1.0)]}, "single point")
+    assert "no finite values" in svg_line_plot({"bad": [(0, float("inf"))]}, "empty")
+    two = svg_line_plot({"train": [(0, 1.0), (1, 0.5)], "eval": [(0, 0.9), (1, 0.7)]}, "two")
+    assert ">train</text>" in two and ">eval</text>" in two
+    # Long series are thinned, keeping the last point.
+    long = _polyline_points(svg_line_plot({"l": [(i, float(i)) for i in range(5001)]}, "long"))
+    assert len(long) <= 420 and long[-1][0] == pytest.approx(330.0)
