@@ -120,20 +120,26 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
     names = [name for name, _ in STAGES]
-    for i, (name, fn) in enumerate(STAGES, 1):
-        if stages is not None and name not in stages:
-            continue
-        if name in summary["stages"] and name not in ("record", "validate"):
-            print(f"[{i}/{len(names)}] {name}: done, skipped")
-            continue
-        print(f"[{i}/{len(names)}] {name}")
-        started = time.perf_counter()
-        result = fn(cfg)
-        summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), **result}
-        tmp = summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        tmp.replace(summary_path)
-    return summary
+    try:
+        for i, (name, fn) in enumerate(STAGES, 1):
+            if stages is not None and name not in stages:
+                continue
+            if name in summary["stages"] and name not in ("record", "validate"):
+                print(f"[{i}/{len(names)}] {name}: done, skipped")
+                continue
+            print(f"[{i}/{len(names)}] {name}")
+            started = time.perf_counter()
+            result = fn(cfg)
+            summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), **result}
+            tmp = summary_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+            tmp.replace(summary_path)
+    finally:
+        # Also after a failed or interrupted stage: the report shows what exists and marks the rest "not run".
+        from dreamerv4.evaluation.report import write_report
+
+        print(f"report: {write_report(out)}")
+    return json.loads(summary_path.read_text()) if summary_path.is_file() else summary
 
 
 def cmd_run(args) -> int:

@@ -1,0 +1,232 @@
+"""Closed-loop play in the real Crafter game: a trained policy (or the uniform random one) acts live.
+
+    dreamerv4 eval crafter --checkpoint runs/x/agent/checkpoint.pt --episodes 100 --seed 100000
+    dreamerv4 eval crafter --checkpoint random --episodes 100 --seed 100000 --out runs/x/eval/crafter_random.json
+
+Episode i is played in `make_crafter_env(seed + i)` (data/crafter_record.py: the real game with
+reproducible creature despawning), and the policy's sampling and world-model noise come from a
+generator seeded with (seed, i): the same command gives the same numbers. Reports (JSON; default
+`<run>/eval/crafter_<bc|imagine>.json` for `<run>/<agent|imagine>/checkpoint.pt`, else next to
+the checkpoint; `crafter_random.json` in the working folder for `random`): mean_return and its 95%
+confidence interval (normal approximation, mean +- 1.96 s / sqrt(n); null for n = 1), returns and
+lengths per episode, achievements (success rate of each of the 22 in [0, 1]: unlocked at least once
+in the episode), crafter_score (design.md 5), and a GIF of the first episode's first
+`VIDEO_STEPS` frames beside the JSON.
+
+The policy (`AgentPolicy`) keeps a world-model context of the live frames:
+- each new frame is encoded by the agent's frozen tokenizer with its own KVCache, in chunks of the
+  tokenizer's context aligned at the episode start (exactly how `data tokenize` encoded the training
+  episodes, data/latents.py), so the latents match the training latents;
+- the latent enters an `AgentRollout` (cached time attention) with the action that led to it,
+  re-noised to the context signal level like every training input of the agent; the agent token's
+  readout gives the policy logits (offset 0), from which the action is sampled.
+Context cap: the agent was trained on windows of `seq_len` frames, so its context holds at most
+`max_context` = seq_len frames: when full, a fresh rollout observes the last `max_context // 2` real
+frames again (the first with no previous action, like a training window's first frame) and play
+goes on. Each step then costs one cached frame pass; a restart one pass over max_context // 2 frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dreamerv4.actions import CRAFTER_ACTIONS
+from dreamerv4.data.crafter_record import crafter_score, make_crafter_env
+from dreamerv4.data.latents import frames_to_float
+from dreamerv4.errors import UserError
+from dreamerv4.models.agent import AgentModel, AgentRollout
+from dreamerv4.models.dynamics import NO_ACTION
+from dreamerv4.models.transformer import KVCache
+
+VIDEO_STEPS = 500  # frames of the first episode saved as a GIF
+
+
+def policy_seed(seed: int, episode: int) -> int:
+    return int(np.random.SeedSequence([seed, episode, 2]).generate_state(1)[0])
+
+
+class RandomPolicy:
+    """Uniform over Crafter's 17 actions; the baseline, run through the same evaluation code."""
+
+    def reset(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def act(self, frame: np.ndarray) -> int:
+        return int(torch.randint(len(CRAFTER_ACTIONS), (1,), generator=self.generator))
+
+
+class AgentPolicy:
+    """A trained agent acting on live frames (module docstring). `greedy` takes the policy's mode
+    instead of sampling."""
+
+    def __init__(self, agent: AgentModel, tokenizer, tokenizer_context: int, max_context: int,
+                 greedy: bool = False):
+        if agent.action_space.name != "crafter":
+            raise UserError(f"the agent acts in the {agent.action_space.name!r} action space, not Crafter's")
+        if max_context < 2 or tokenizer_context < 1:
+            raise ValueError(f"max_context must be >= 2 and tokenizer_context >= 1, got {max_context}, {tokenizer_context}")
+        self.agent, self.tokenizer = agent.eval(), tokenizer.eval()
+        self.tokenizer_context, self.max_context, self.greedy = tokenizer_context, max_context, greedy
+        self.restarts = 0
+
+    def reset(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.step = 0
+        self.latents: list[torch.Tensor] = []  # (L, C) per real frame, the last max_context kept
+        self.prev_actions: list[int] = []  # the action that led to each kept frame
+        self.last_action = NO_ACTION
+        self.token_cache: KVCache | None = None
+        self.rollout: AgentRollout | None = None
+
+    @torch.no_grad()
+    def act(self, frame: np.ndarray) -> int:
+        if self.step % self.tokenizer_context == 0:
+            self.token_cache = KVCache()
+        latent = self.tokenizer.encode(frames_to_float(frame[None])[None], cache=self.token_cache)[0, 0]
+        self.latents = (self.latents + [latent])[-self.max_context:]
+        self.prev_actions = (self.prev_actions + [self.last_action])[-self.max_context:]
+        if self.rollout is None or self.rollout.num_frames >= self.max_context:
+            keep = 1 if self.rollout is None else self.max_context // 2
+            if self.rollout is not None:
+                self.restarts += 1
+            self.rollout = AgentRollout(self.agent, generator=self.generator)
+            prev = torch.tensor([[NO_ACTION] + self.prev_actions[-keep:][1:]])
+            hidden = self.rollout.observe(torch.stack(self.latents[-keep:])[None], prev)
+        else:
+            hidden = self.rollout.observe(latent[None, None], torch.tensor([[self.last_action]]))
+        logits = self.agent.policy(hidden)
+        space = self.agent.action_space
+        action = space.mode(logits) if self.greedy else space.sample(logits, self.generator)
+        self.last_action = int(action[0])
+        self.step += 1
+        return self.last_action
+
+
+def play_episode(policy, env_seed: int, generator: torch.Generator, max_steps: int,
+                 keep_frames: int = 0) -> dict:
+    """One episode of the real game; returns return, length, unlocked achievements and up to
+    `keep_frames` frames (T, 64, 64, 3) uint8."""
+    env = make_crafter_env(env_seed, max_steps)
+    obs = env.reset()
+    policy.reset(generator)
+    frames = [obs] if keep_frames else []
+    total, length, unlocked = 0.0, 0, set()
+    while True:
+        obs, reward, done, info = env.step(policy.act(obs))
+        total += float(reward)
+        length += 1
+        unlocked |= {name for name, count in info["achievements"].items() if count > 0}
+        if len(frames) < keep_frames:
+            frames.append(obs)
+        if done:
+            break
+    return {"return": total, "length": length, "unlocked": unlocked,
+            "frames": np.stack(frames) if frames else None}
+
+
+def load_policy(checkpoint: str, max_context: int | None = None, greedy: bool = False):
+    """("random" | AgentPolicy, label) for a checkpoint path or the word `random`."""
+    if checkpoint == "random":
+        return RandomPolicy(), "random"
+    from dreamerv4.evaluation.agent import tokenizer_context
+    from dreamerv4.evaluation.tokenizer import load_tokenizer
+    from dreamerv4.training.agent import load_agent
+
+    agent, run = load_agent(checkpoint)
+    tokenizer, tok_cfg = load_tokenizer(run.dynamics.tokenizer_checkpoint)
+    context = max_context or run.agent.train.seq_len
+    parent = Path(checkpoint).parent.name
+    label = {"agent": "bc", "imagine": "imagine"}.get(parent, parent)
+    return AgentPolicy(agent, tokenizer, tokenizer_context(run, tok_cfg), context, greedy), label
+
+
+def default_out(checkpoint: str, label: str) -> Path:
+    if checkpoint == "random":
+        return Path("crafter_random.json")
+    path = Path(checkpoint)
+    if path.parent.name in ("agent", "imagine"):
+        return path.parent.parent / "eval" / f"crafter_{label}.json"
+    return path.with_name("eval_crafter.json")
+
+
+def evaluate_crafter(checkpoint: str, episodes: int, seed: int = 100_000, max_steps: int = 10_000,
+                     out: str | Path | None = None, max_context: int | None = None, greedy: bool = False,
+                     progress: bool = True) -> dict:
+    """Play `episodes` episodes (module docstring); returns the report, also written as JSON."""
+    if episodes < 1 or max_steps < 1:
+        raise UserError(f"--episodes ({episodes}) and --max-steps ({max_steps}) must be at least 1")
+    import crafter
+
+    started = time.perf_counter()
+    policy, label = load_policy(checkpoint, max_context, greedy)
+    out = Path(out) if out is not None else default_out(checkpoint, label)
+    names = sorted(crafter.constants.achievements)
+    returns, lengths, unlocked, video = [], [], [], None
+    bar = tqdm(range(episodes), desc=f"crafter {label}", unit="episode", disable=None if progress else True,
+               file=sys.stderr)
+    for i in bar:
+        generator = torch.Generator().manual_seed(policy_seed(seed, i))
+        result = play_episode(policy, seed + i, generator, max_steps, keep_frames=VIDEO_STEPS if i == 0 else 0)
+        returns.append(result["return"])
+        lengths.append(result["length"])
+        unlocked.append(result["unlocked"])
+        if i == 0:
+            video = result["frames"]
+        bar.set_postfix(mean_return=f"{np.mean(returns):.2f}", length=result["length"])
+    bar.close()
+    returns_arr = np.asarray(returns)
+    mean = float(returns_arr.mean())
+    half = 1.96 * float(returns_arr.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else None
+    success = {name: float(np.mean([name in u for u in unlocked])) for name in names}
+    video_path = None
+    if video is not None:
+        from dreamerv4.evaluation.video import write_side_by_side
+
+        video_path = write_side_by_side(out.with_name(out.stem + "_episode0"), [video], fps=8, scale=2,
+                                        mp4=False)["gif"]
+    report = {
+        "policy": label,
+        "checkpoint": checkpoint,
+        "episodes": episodes,
+        "seed": seed,
+        "env_seeds": [seed + i for i in range(episodes)],
+        "max_steps": max_steps,
+        "greedy": greedy,
+        "max_context": getattr(policy, "max_context", None),
+        "mean_return": mean,
+        "return_ci95": None if half is None else [mean - half, mean + half],
+        "returns": returns,
+        "lengths": lengths,
+        "mean_length": float(np.mean(lengths)),
+        "crafter_score": crafter_score(success),
+        "achievements": success,
+        "context_restarts": getattr(policy, "restarts", 0),
+        "video": None if video_path is None else str(video_path),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    report["out"] = str(out)
+    return report
+
+
+def cmd_eval(args) -> int:
+    r = evaluate_crafter(args.checkpoint, args.episodes, args.seed, getattr(args, "max_steps", 10_000), args.out,
+                         getattr(args, "max_context", None), getattr(args, "greedy", False))
+    ci = "n/a" if r["return_ci95"] is None else f"[{r['return_ci95'][0]:.2f}, {r['return_ci95'][1]:.2f}]"
+    achieved = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["achievements"].items() if v > 0) or "none"
+    print(f"{r['policy']}: {r['episodes']} episodes, mean return {r['mean_return']:.2f} (95% CI {ci}), "
+          f"crafter score {r['crafter_score']:.2f}%, mean length {r['mean_length']:.0f}")
+    print(f"  achievements: {achieved}")
+    print(f"  report {r['out']}" + (f", video {r['video']}" if r["video"] else ""))
+    return 0

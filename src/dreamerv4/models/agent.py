@@ -1,0 +1,304 @@
+"""Phase 2: agent tokens on the dynamics transformer, with policy, reward and value heads (seed "PHASE 2";
+DreamerV4 section 3.3; design.md 3).
+
+    agent = AgentModel(dynamics_model, AgentConfig())        # wraps a (trained) DynamicsModel
+    out = agent(latents, actions)                             # latents (B,T,16,32) clean, actions (B,T) codes
+    out["policy_logits"]   (B,T,A)     A = 17 (Crafter) or 144 (MineRL), offset 0
+    out["reward_logits"]   (B,T,255)   offset 0
+    out["value_logits"]    (B,T,255)
+    out["policy_logits_mtp"] (B,T,L,A), out["reward_logits_mtp"] (B,T,L,255)   all L offsets
+    out["predicted_latents"], out["noisy_latents"] (B,T,16,32)    the world model's output, unchanged
+    out["agent_hidden"]    (B,T,width)  the agent tokens' transformer output (mean over agent tokens)
+
+Token layout: each frame's tokens are [agent_1..agent_A | action | (tau, d) | latent_1..latent_16]
+(the dynamics model's frame tokens, `DynamicsModel.frame_tokens`, after A learned agent tokens; the
+transformer appends its registers). Agent tokens go *first* so the other tokens keep their relative
+RoPE offsets (space RoPE is relative; registers sit after the frame's tokens).
+Information flow (paper: agent tokens read everything, nothing reads them):
+- space layers: a boolean attention mask; agent queries read every token of their frame, other
+  queries never read an agent key. SpaceTimeTransformer extends a mask to its registers so that a
+  register reads a token only if every token may (`_with_registers`), so no register relays the
+  agent tokens either. (`space_bias` would not do: it is padded with 0 for registers.)
+- time layers attend per token slot, so agent slot k of frame t reads agent slot k of frames <= t only.
+Hence the world model's predictions are exactly those of the bare DynamicsModel with the same weights
+(up to float rounding from the longer rows), whatever the agent tokens hold (tests check both).
+
+ALIGNMENT (design.md 1: actions[t] is taken after seeing frames[t]; rewards[t] is received on that
+step, i.e. it is the reward *for* actions[t]). The agent token of frame t sees frames <= t and the
+action tokens of frames <= t, i.e. actions[0..t-1] (frame t carries actions[t-1], the action that led
+to it). With MTP offsets n = 0..L-1 (L = cfg.mtp_length):
+- policy offset n at frame t predicts actions[t + n]     (offset 0: the action to take now).
+- reward offset n at frame t predicts rewards[t + n - 1] (offset 0: the reward of the action that led
+  to frame t, which the token has seen: its consequence is in frame t; DreamerV3's convention). So
+  reward(h_{t+1}) is the reward for the action taken at frame t. Targets outside the window are
+  masked (offset-0 reward of a window's first frame, actions/rewards past the window end).
+  This deliberately differs from reading rewards[t] at frame t: that reward depends on the action not
+  yet taken, so in imagination the sampled action's reward would never reach its own return.
+- value at frame t: the return from frame t onwards, sum_k gamma^k rewards[t + k] (Phase 3 trains it).
+`mtp_targets` builds these targets from a dataset window.
+
+Imagination / closed loop (`AgentRollout`, built on `dynamics.Rollout` semantics with a KVCache):
+    rollout = AgentRollout(agent, generator=g)                 # under the hood: no_grad, cached keys/values
+    h = rollout.observe(latents, prev_actions)                 # (B,N,16,32), (B,N) -> (B,width), last frame
+    logits = rollout.policy(h); a = agent.action_space.sample(logits, g)
+    z_next, h_next = rollout.imagine_step(a)                   # next frame (B,16,32) after action a, then observed
+    r = agent.two_hot.decode(rollout.reward(h_next))           # the reward for a (see ALIGNMENT)
+    v = agent.two_hot.decode(rollout.value(h_next))
+Observed frames enter re-noised to the context signal level with d_min, exactly as in
+`Rollout.observe`; training reads the agent tokens from frames noised the same way (see
+training/agent.py), so heads see at play time what they saw in training. Heads are plain modules:
+call them on detached hidden states with gradients enabled to train only the heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel, _is_power_of_two, add_noise, previous_actions
+from dreamerv4.models.heads import MLPHead, TwoHot
+from dreamerv4.models.transformer import KVCache
+
+
+@dataclass
+class AgentConfig:
+    num_agent_tokens: int = 1
+    mtp_length: int = 8  # L: offsets 0..L-1 of actions and rewards predicted from each agent token
+    head_hidden: int = 0  # hidden width of the head MLPs (0: the transformer width)
+    head_layers: int = 2  # hidden layers per head
+    num_bins: int = 255  # two-hot bins for reward and value, uniform in symlog space on [bin_low, bin_high]
+    bin_low: float = -20.0
+    bin_high: float = 20.0
+    # Loss weights (training/agent.py): each term is first divided by a running RMS of itself.
+    bc_weight: float = 1.0
+    reward_weight: float = 1.0
+    video_weight: float = 1.0  # the shortcut-forcing video-prediction loss stays on (paper)
+    value_weight: float = 1.0  # value head on the behaviour policy's discounted return-to-go (0: off)
+    value_gamma: float = 0.997  # discount of that return (Phase 3's gamma)
+
+    def __post_init__(self) -> None:
+        if self.num_agent_tokens < 1 or self.mtp_length < 1 or self.head_layers < 0 or self.head_hidden < 0:
+            raise ValueError("num_agent_tokens and mtp_length must be >= 1, head_layers and head_hidden >= 0")
+        if self.num_bins < 2 or not self.bin_low < self.bin_high:
+            raise ValueError(f"need num_bins >= 2 and bin_low < bin_high, got {self.num_bins}, "
+                             f"[{self.bin_low}, {self.bin_high}]")
+        if not 0.0 <= self.value_gamma <= 1.0:
+            raise ValueError(f"value_gamma must be in [0, 1], got {self.value_gamma}")
+        for name in ("bc_weight", "reward_weight", "video_weight", "value_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def mtp_targets(actions: torch.Tensor, rewards: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+    """Multi-token targets of a dataset-aligned window (module docstring, ALIGNMENT).
+
+    actions (B,T) codes, rewards (B,T) -> {"actions" (B,T,L) = actions[t+n], "action_valid" (B,T,L),
+    "rewards" (B,T,L) = rewards[t+n-1], "reward_valid" (B,T,L)}; invalid entries hold 0."""
+    b, t = actions.shape
+    index = torch.arange(t, device=actions.device)[:, None] + torch.arange(length, device=actions.device)[None, :]
+    action_valid = (index < t).expand(b, t, length)
+    reward_index = index - 1
+    reward_valid = ((reward_index >= 0) & (reward_index < t)).expand(b, t, length)
+    gather = lambda x, i: x[:, i.clamp(0, t - 1)]  # noqa: E731  (B,T) -> (B,T,L)
+    return {
+        "actions": torch.where(action_valid, gather(actions, index), torch.zeros_like(actions[:, :1, None])),
+        "action_valid": action_valid,
+        "rewards": torch.where(reward_valid, gather(rewards, reward_index), torch.zeros_like(rewards[:, :1, None])),
+        "reward_valid": reward_valid,
+    }
+
+
+class AgentModel(nn.Module):
+    """A DynamicsModel with agent tokens and policy / reward / value heads; see the module docstring."""
+
+    def __init__(self, dynamics: DynamicsModel, cfg: AgentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dynamics = dynamics
+        self.action_space = dynamics.action_space
+        width = dynamics.cfg.transformer.embed_dim
+        hidden = cfg.head_hidden or width
+        length, logits = cfg.mtp_length, self.action_space.num_logits
+        self.agent_tokens = nn.Parameter(torch.randn(cfg.num_agent_tokens, width) * 0.02)
+        self.policy_head = MLPHead(width, hidden, length * logits, cfg.head_layers)
+        self.reward_head = MLPHead(width, hidden, length * cfg.num_bins, cfg.head_layers, zero_init=True)
+        self.value_head = MLPHead(width, hidden, cfg.num_bins, cfg.head_layers, zero_init=True)
+        self.two_hot = TwoHot(cfg.num_bins, cfg.bin_low, cfg.bin_high)
+
+    @classmethod
+    def build(cls, dynamics_cfg: DynamicsConfig, cfg: AgentConfig) -> "AgentModel":
+        return cls(DynamicsModel(dynamics_cfg), cfg)
+
+    @property
+    def width(self) -> int:
+        return self.dynamics.cfg.transformer.embed_dim
+
+    def attention_mask(self, frame_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Space-attention mask (A+S, A+S) for A agent tokens first and S frame tokens: True where the
+        query (row) may read the key (column). Agent queries read all; other queries no agent key."""
+        a = self.cfg.num_agent_tokens
+        mask = torch.ones(a + frame_tokens, a + frame_tokens, dtype=torch.bool, device=device)
+        mask[a:, :a] = False
+        return mask
+
+    # -- the transformer pass ----------------------------------------------------------------------
+
+    def encode(
+        self,
+        noisy: torch.Tensor,
+        prev_actions: torch.Tensor,
+        tau: torch.Tensor,
+        d: torch.Tensor,
+        cache: KVCache | None = None,
+        update_cache: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One transformer pass with agent tokens: like `DynamicsModel.denoise` (same arguments) ->
+        (predicted clean latents (B,T,L,C) float32, agent_hidden (B,T,width) in the compute dtype)."""
+        tokens = self.dynamics.frame_tokens(noisy, prev_actions, tau, d)
+        b, t, s, w = tokens.shape
+        a = self.cfg.num_agent_tokens
+        agent = self.agent_tokens.to(tokens.dtype).expand(b, t, a, w)
+        hidden = self.dynamics.transformer(
+            torch.cat((agent, tokens), dim=2), mask=self.attention_mask(s, tokens.device),
+            cache=cache, update_cache=update_cache,
+        )
+        predicted = self.dynamics.latent_out(hidden[:, :, -self.dynamics.cfg.num_latents:]).float()
+        return predicted, hidden[:, :, :a].mean(dim=2)
+
+    # -- heads (callable on any (..., width) hidden state, e.g. detached ones) ---------------------
+
+    def policy_mtp(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> policy logits (..., L, num_logits) float32 for offsets 0..L-1."""
+        return self.policy_head(hidden).float().unflatten(-1, (self.cfg.mtp_length, self.action_space.num_logits))
+
+    def reward_mtp(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> reward two-hot logits (..., L, bins) float32 for offsets 0..L-1."""
+        return self.reward_head(hidden).float().unflatten(-1, (self.cfg.mtp_length, self.cfg.num_bins))
+
+    def policy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> logits (..., num_logits) of the action to take at this frame (offset 0)."""
+        return self.policy_mtp(hidden)[..., 0, :]
+
+    def reward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> two-hot logits (..., bins) of the reward for the action that led to this frame."""
+        return self.reward_mtp(hidden)[..., 0, :]
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> two-hot logits (..., bins) of the return from this frame on."""
+        return self.value_head(hidden).float()
+
+    # -- the seed's output dict --------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        actions: torch.Tensor,
+        tau: torch.Tensor | None = None,
+        d: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Clean latents (B,T,L,C) and dataset-aligned actions (B,T) -> the output dict (module doc).
+
+        tau and d (B,T) default to how frames enter the context at play time: the context signal
+        level and d_min. Noise ~ N(0, I) unless given."""
+        cfg = self.dynamics.cfg
+        b, t = latents.shape[:2]
+        if tau is None:
+            tau = torch.full((b, t), cfg.context_signal_level, device=latents.device)
+        if d is None:
+            d = torch.full((b, t), cfg.d_min, device=latents.device)
+        if noise is None:
+            noise = torch.randn_like(latents, dtype=torch.float32)
+        noisy = add_noise(latents.float(), noise, tau)
+        predicted, hidden = self.encode(noisy, previous_actions(actions), tau, d)
+        policy, reward = self.policy_mtp(hidden), self.reward_mtp(hidden)
+        return {
+            "policy_logits": policy[:, :, 0],
+            "reward_logits": reward[:, :, 0],
+            "value_logits": self.value(hidden),
+            "policy_logits_mtp": policy,
+            "reward_logits_mtp": reward,
+            "predicted_latents": predicted,
+            "noisy_latents": noisy.float(),
+            "agent_hidden": hidden,
+        }
+
+
+class AgentRollout:
+    """Closed-loop and imagination state of an AgentModel: the re-noised context in a KVCache (time
+    layers only; every observed frame costs one one-frame pass), agent readouts per frame.
+
+        rollout = AgentRollout(agent, generator=g)
+        h = rollout.observe(latents, prev_actions)   # (B,N,L,C), (B,N) codes of the action that led to each frame
+        z, h = rollout.imagine_step(action)          # action (B,) taken at the latest frame
+
+    observe / imagine / imagine_step run under torch.no_grad (the transformer is frozen wherever this
+    is used) and return float32 tensors. All noise comes from `generator` (or the global RNG) in a
+    fixed order, so a seeded generator reproduces a rollout. The context only grows; to cap it, start
+    a new AgentRollout and observe the last frames again (cropping a KVCache is not equivalent, see
+    dynamics.Rollout).
+    """
+
+    def __init__(self, model: AgentModel, generator: torch.Generator | None = None, steps: int | None = None):
+        dyn = model.dynamics.cfg
+        self.steps = dyn.sampling_steps if steps is None else steps
+        if not _is_power_of_two(self.steps) or self.steps > dyn.k_max:
+            raise ValueError(f"steps must be a power of two <= k_max ({dyn.k_max}), got {self.steps}")
+        self.model = model
+        self.generator = generator
+        self.cache = KVCache()
+        self.last_hidden: torch.Tensor | None = None  # (B,width) agent readout of the latest observed frame
+
+    @property
+    def num_frames(self) -> int:
+        """Frames in the context so far."""
+        return self.cache.length
+
+    def _noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def observe(self, latents: torch.Tensor, prev_actions: torch.Tensor) -> torch.Tensor:
+        """Append frames (B,N,L,C), each with the code of the action that led to it (B,N) (NO_ACTION
+        for none), re-noised to the context signal level with d_min. Returns the agent readout of the
+        last of them (B,width)."""
+        cfg = self.model.dynamics.cfg
+        level = cfg.context_signal_level
+        noisy = add_noise(latents.float(), self._noise(tuple(latents.shape), latents.device), level)
+        full = lambda v: torch.full(noisy.shape[:2], v, device=noisy.device)  # noqa: E731
+        _, hidden = self.model.encode(noisy, prev_actions, full(level), full(cfg.d_min), cache=self.cache)
+        self.last_hidden = hidden[:, -1].float()
+        return self.last_hidden
+
+    @torch.no_grad()
+    def imagine(self, action: torch.Tensor) -> torch.Tensor:
+        """Sample the frame (B,L,C) that follows `action` (B,) taken at the latest frame, in K = steps
+        shortcut steps from pure noise (as `Rollout.imagine`). It is not added to the context."""
+        cfg = self.model.dynamics.cfg
+        b = action.shape[0]
+        z = self._noise((b, 1, cfg.num_latents, cfg.latent_dim), action.device)
+        d = 1.0 / self.steps
+        for i in range(self.steps):
+            tau = i * d
+            full = lambda v: torch.full((b, 1), v, device=z.device)  # noqa: E731
+            predicted, _ = self.model.encode(z, action[:, None], full(tau), full(d), cache=self.cache,
+                                             update_cache=False)
+            z = z + (predicted - z) * (d / (1.0 - tau))  # Euler step of b = (x^ - z) / (1 - tau)
+        return z[:, 0]
+
+    def imagine_step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """imagine() the frame after `action` (B,), then observe() it: (next latents (B,L,C), its agent
+        readout (B,width)). reward(readout) is the reward for `action`."""
+        frame = self.imagine(action)
+        return frame, self.observe(frame[:, None], action[:, None])
+
+    def policy(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.policy(hidden)
+
+    def reward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.reward(hidden)
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.value(hidden)
