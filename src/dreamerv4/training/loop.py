@@ -56,8 +56,17 @@ Contract and policies:
   the main process only: workers killed by a signal make the DataLoader raise.)
 - Weight decay applies to the weights of nn.Linear and nn.ConvNd only; biases, norms, embeddings and
   bare nn.Parameters (learned tokens, positions) are not decayed. Frozen parameters are not optimized.
-- Distributed (later): rank 0 alone should write `run_dir`; `StepBatchSampler(rank, world_size)`
-  already shards the global batch of each step.
+- Distributed (torchrun, docs/distributed.md, training/distributed.py): with WORLD_SIZE > 1 the loop
+  joins the process group (NCCL on CUDA, gloo on CPU; kept for later stages, ended at exit), and each rank
+  trains on its batch_size / W share of every step's global batch (cfg.batch_size stays global).
+  loss_fn runs inside DistributedDataParallel's forward and receives the raw model (it may call
+  submodules and methods); pass find_unused_parameters=True when a loss leaves parameters without
+  gradient. The logged loss and metrics are means over ranks; floating-point tensors of extra_state
+  are averaged across ranks after every update; a non-finite loss on any rank skips the update on
+  all; time limits and signals stop all ranks after the same step. Rank 0 alone writes run_dir and
+  runs on_image / eval_fn; checkpoints hold every rank's RNG state (exact resume with the same W)
+  and are followed by a barrier; every rank resumes from the same checkpoint (run_dir must be on a
+  filesystem all nodes see to resume). With one process nothing of this runs (bitwise as before).
 """
 
 from __future__ import annotations
@@ -83,6 +92,7 @@ from tqdm import tqdm
 
 from dreamerv4.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dreamerv4.errors import CheckpointError, ConfigError, UserError
+from dreamerv4.training import distributed
 from dreamerv4.training.logging import MetricsLog
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -156,12 +166,20 @@ class TrainSummary:
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    """The device the loop trains on: cfg.device, where "auto" means CUDA if available, else CPU."""
+    """The device the loop trains on: cfg.device, where "auto" means CUDA if available, else CPU.
+
+    Under torchrun with several processes, CUDA means cuda:LOCAL_RANK, which also becomes the current
+    device (so tensors a phase creates with device="cuda" land on this process's GPU)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' was asked for but torch sees no CUDA device")
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda" and distributed.env_world_size() > 1:
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+    return device
 
 
 def cpu_supports_bf16() -> bool:
@@ -421,6 +439,7 @@ def train(
     frames_per_sample: int = 1,
     num_workers: int = 0,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    find_unused_parameters: bool = False,
 ) -> TrainSummary:
     """Train `model` on `dataset` with `loss_fn` for cfg.steps updates, writing everything to `run_dir`.
 
@@ -440,10 +459,28 @@ def train(
     config_dict: the resolved run config, saved as config.yaml and inside every checkpoint.
     frames_per_sample: frames in one dataset item (seq_len for sequences) for the frames/s figure.
     num_workers: DataLoader worker processes (pass DataConfig.num_workers).
-    Returns a TrainSummary; raises UserError for an occupied run_dir, CheckpointError for a checkpoint
+    find_unused_parameters: only matters under torchrun (several processes): set it when loss_fn may
+        leave trainable parameters without a gradient in a step (DDP then searches the graph).
+    Returns a TrainSummary (on every rank); raises UserError for an occupied run_dir, CheckpointError for a checkpoint
     that does not fit, TrainingDivergedError after too many non-finite steps.
     """
     call_start = time.monotonic()
+    device = resolve_device(cfg)
+    ctx = distributed.setup(device)  # a disabled context for a single process
+    return _train(model, dataset, loss_fn, cfg, run_dir, resume=resume, config_dict=config_dict,
+                  extra_state=extra_state, on_image=on_image, eval_fn=eval_fn,
+                  frames_per_sample=frames_per_sample, num_workers=num_workers, collate_fn=collate_fn,
+                  find_unused_parameters=find_unused_parameters, device=device, ctx=ctx, call_start=call_start)
+
+
+def _train(
+    model: nn.Module, dataset: Dataset, loss_fn: LossFn, cfg: TrainConfig, run_dir: str | Path, *, resume: bool,
+    config_dict: Mapping[str, Any] | None, extra_state: Mapping[str, Stateful] | None,
+    on_image: ImageHook | None, eval_fn: EvalFn | None, frames_per_sample: int, num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None, find_unused_parameters: bool, device: torch.device,
+    ctx: distributed.DistContext, call_start: float,
+) -> TrainSummary:
+    """The body of `train`; ctx says which rank this process is (disabled for a single process)."""
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT_FILE
     extra_state = dict(extra_state or {})
@@ -451,14 +488,19 @@ def train(
     reserved = {"step", "kind", "elapsed_min", "lr", "loss", "grad_norm", "samples_per_s", "frames_per_s",
                 "nonfinite_steps"}
 
-    if ckpt_path.exists() and not resume:
+    if ctx.enabled and cfg.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+                          f"{ctx.world_size} processes; choose a multiple of {ctx.world_size}")
+    has_ckpt = ckpt_path.exists()
+    if ctx.enabled:
+        has_ckpt = ctx.broadcast(has_ckpt)  # rank 0's view decides, so every rank takes the same branch
+    if has_ckpt and not resume:
         raise UserError(
             f"{run_dir}: already holds a training checkpoint ({CHECKPOINT_FILE}); pass --resume to continue "
             "it, or choose another out_dir"
         )
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg)
     autocast_dtype = resolve_precision(cfg, device)
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -476,33 +518,64 @@ def train(
     step, elapsed_before_s, nonfinite_total = 0, 0.0, 0
     window: dict[str, Any] = {"sums": {}, "count": 0}
     last_metrics: dict[str, float] = {}
-    resumed = resume and ckpt_path.exists()
+    resumed = resume and has_ckpt
     if resumed:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{ckpt_path}: not a training-loop checkpoint (format {ckpt.get('format')!r})")
+        ckpt, error = None, None
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{ckpt_path}: not a training-loop checkpoint (format {ckpt.get('format')!r})")
+        except CheckpointError as exc:
+            if not ctx.enabled:
+                raise
+            error = CheckpointError(f"{exc} (to resume, run_dir must be on a filesystem every node sees)")
+        if ctx.enabled:  # every rank must have read it, or all stop (none waits for the others forever)
+            ctx.raise_if_any(error, f"reading {ckpt_path}")
+            steps_seen = ctx.all_gather(int(ckpt["step"]))
+            if len(set(steps_seen)) > 1:
+                raise CheckpointError(f"{ckpt_path}: ranks read different checkpoints (steps {steps_seen})")
         step = int(ckpt["step"])
         if ckpt["done"] and step >= cfg.steps:
-            print(f"{run_dir}: training already finished at step {step}; nothing to do", file=sys.stderr)
+            if ctx.is_main:
+                print(f"{run_dir}: training already finished at step {step}; nothing to do", file=sys.stderr)
             return TrainSummary(step, True, "already_done", dict(ckpt["last_metrics"]),
                                 time.monotonic() - call_start, ckpt["elapsed_s"] / 60.0, ckpt_path)
         _restore(ckpt, ckpt_path, cfg, model, optimizer, scheduler, extra_state)
+        if ctx.enabled:
+            rank_rng = ckpt.get("rng_ranks") or []
+            if len(rank_rng) == ctx.world_size:
+                set_rng_state(rank_rng[ctx.rank])  # each rank continues its own streams: exact resume
+            else:  # written with another number of processes: rank 0 continues, the others re-derive
+                distributed.diverge_rng(ctx.rank)
+                if ctx.is_main:
+                    print(f"{run_dir}: checkpoint written by {len(rank_rng) or 1} process(es), resumed by "
+                          f"{ctx.world_size}: same data order, other random streams", file=sys.stderr)
         elapsed_before_s = float(ckpt["elapsed_s"])
         nonfinite_total = int(ckpt.get("nonfinite_steps", 0))
         window, last_metrics = ckpt["log_window"], dict(ckpt["last_metrics"])
         changes = _config_changes(ckpt.get("config", {}), config_dict)
-        print(f"{run_dir}: resuming from step {step}" + (f"; config changed: {'; '.join(changes)}" if changes else ""),
-              file=sys.stderr)
-    elif resume:
-        print(f"{run_dir}: no checkpoint to resume; starting fresh", file=sys.stderr)
+        if ctx.is_main:
+            print(f"{run_dir}: resuming from step {step}"
+                  + (f"; config changed: {'; '.join(changes)}" if changes else ""), file=sys.stderr)
+        del ckpt
+    else:
+        if ctx.enabled:
+            distributed.diverge_rng(ctx.rank)
+        if resume and ctx.is_main:
+            print(f"{run_dir}: no checkpoint to resume; starting fresh", file=sys.stderr)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    tmp.replace(run_dir / CONFIG_FILE)
-    log = MetricsLog(run_dir, tensorboard=cfg.tensorboard, resume_step=step if resumed else None)
+    if ctx.is_main:  # rank 0 alone writes run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        tmp.replace(run_dir / CONFIG_FILE)
+        log: MetricsLog | _NoLog = MetricsLog(run_dir, tensorboard=cfg.tensorboard,
+                                              resume_step=step if resumed else None)
+    else:
+        log = _NoLog()
 
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, step, cfg.steps)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size // ctx.world_size, cfg.seed, step, cfg.steps,
+                               rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
         collate_fn=collate_fn,
@@ -518,30 +591,55 @@ def train(
     window_start, window_start_step = time.monotonic(), step
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    # batch -> loss_fn(model, batch); under torchrun inside DDP's forward (gradients averaged over ranks).
+    compute_loss = distributed.wrap_loss(model, loss_fn, ctx, find_unused_parameters=find_unused_parameters)
 
     def save(done: bool) -> None:
-        nonlocal saved_step
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "extra": {k: v.state_dict() for k, v in extra_state.items()},
-            "step": step, "done": done, "rng": rng_state(), "config": config_dict,
-            "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
-            "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
-            "last_metrics": last_metrics,
-        })
+        nonlocal saved_step, window
+        rank_rng: list[Any] = []
+        if ctx.enabled:  # collectives: every rank calls save() at the same steps
+            # The saved window holds the means over ranks; averaging later with the ranks' further
+            # (local) sums stays exact because the mean is linear.
+            window = {"sums": ctx.mean_of_dicts(window["sums"]), "count": window["count"]}
+            rank_rng = ctx.all_gather(rng_state())
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "extra": {k: v.state_dict() for k, v in extra_state.items()},
+                "step": step, "done": done, "rng": rng_state(), "config": config_dict,
+                "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
+                "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
+                "last_metrics": last_metrics, **({"rng_ranks": rank_rng} if ctx.enabled else {}),
+            })
+        if ctx.enabled:
+            distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
         saved_step = step
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None, file=sys.stderr)
+    bar = tqdm(total=cfg.steps, initial=step, desc=run_dir.name, dynamic_ncols=True,
+               disable=None if ctx.is_main else True, file=sys.stderr)
     last_line = 0.0
     stop_reason = "done"
     batches = iter(loader)
     try:
         with _StopSignal() as stop:
+
+            def stop_flags() -> list[float]:  # [time limit reached, signal received] on this rank
+                return [float(cfg.time_limit_min > 0 and elapsed_s() >= cfg.time_limit_min * 60.0),
+                        float(stop.signum is not None)]
+
+            if ctx.enabled:  # ranks stop together: flags are summed over ranks (first here, then per step)
+                agreed_stop = ctx.sum_(torch.tensor(stop_flags(), dtype=torch.float64, device=device)).tolist()
             while step < cfg.steps:
-                if cfg.time_limit_min > 0 and elapsed_s() >= cfg.time_limit_min * 60.0:
+                if ctx.enabled:
+                    time_up, signalled = agreed_stop[0] > 0, agreed_stop[1] > 0
+                else:
+                    time_up = cfg.time_limit_min > 0 and elapsed_s() >= cfg.time_limit_min * 60.0
+                    signalled = stop.signum is not None
+                if time_up:
                     stop_reason = "time_limit"
                     break
-                if stop.signum is not None:
+                if signalled:
                     stop_reason = "signal"
                     break
                 try:
@@ -555,12 +653,19 @@ def train(
                 snapshot = {k: _clone_state(v.state_dict()) for k, v in extra_state.items()}
 
                 with autocast():
-                    loss, metrics = loss_fn(model, batch)
+                    loss, metrics = compute_loss(batch)
                 loss = loss.float()
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # same on every rank (DDP)
+                if ctx.enabled:
+                    # One all-reduce: mean loss (NaN anywhere -> NaN everywhere, so all ranks skip
+                    # together), the stop flags, and extra_state's float tensors (kept in sync).
+                    loss, agreed_stop, synced_extra = _reduce_step(ctx, loss.detach(), stop_flags(), extra_state)
                 finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # the one sync per step
                 if finite:
+                    if ctx.enabled:
+                        for name, state in synced_extra.items():
+                            extra_state[name].load_state_dict(state)
                     optimizer.step()
                     consecutive_bad = 0
                 else:
@@ -577,9 +682,10 @@ def train(
                     report = {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
                               **{k: float(v) for k, v in metrics.items()}}
                     log.write({"kind": "nonfinite", "step": step, **report})
-                    tqdm.write(f"{run_dir}: non-finite loss or gradient at step {step}, update skipped "
-                               f"({consecutive_bad} in a row, {nonfinite_total} in total): {_fmt(report)}",
-                               file=sys.stderr)
+                    if ctx.is_main:
+                        tqdm.write(f"{run_dir}: non-finite loss or gradient at step {step}, update skipped "
+                                   f"({consecutive_bad} in a row, {nonfinite_total} in total): {_fmt(report)}",
+                                   file=sys.stderr)
                     if consecutive_bad >= cfg.max_nonfinite_steps:
                         where = f"{ckpt_path} (step {saved_step})" if saved_step >= 0 else "none written yet"
                         raise TrainingDivergedError(
@@ -604,30 +710,36 @@ def train(
                     samples_per_s = (step - window_start_step) * cfg.batch_size / window_time
                     record: dict[str, Any] = {"kind": "train", "step": step, "elapsed_min": elapsed_s() / 60.0,
                                               "lr": lr}
-                    record.update({k: float(v) / n for k, v in window["sums"].items()})
+                    sums = ctx.mean_of_dicts(window["sums"]) if ctx.enabled else window["sums"]
+                    record.update({k: float(v) / n for k, v in sums.items()})
                     record.update(samples_per_s=samples_per_s, frames_per_s=samples_per_s * frames_per_sample,
                                   nonfinite_steps=nonfinite_total)
                     log.write(record)
                     last_metrics.update({k: v for k, v in record.items() if k != "kind"})
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", lr=f"{lr:.2e}",
                                     fps=f"{record['frames_per_s']:.0f}")
-                    if bar.disable and (now - last_line >= 10.0 or step == cfg.steps):
+                    if ctx.is_main and bar.disable and (now - last_line >= 10.0 or step == cfg.steps):
                         print(f"step {step}/{cfg.steps} " + _fmt({k: v for k, v in record.items()
                               if k not in ("kind", "step")}), file=sys.stderr)
                         last_line = now
                     window, window_start, window_start_step = {"sums": {}, "count": 0}, now, step
 
-                if on_image is not None and cfg.image_every and step % cfg.image_every == 0:
+                if on_image is not None and cfg.image_every and step % cfg.image_every == 0 and ctx.is_main:
                     with _inference(model, autocast):
                         images = on_image(step, model, batch)
                     for name, image in (images or {}).items():
                         log.write_image(name, step, image)
                 if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    with _inference(model, autocast):
-                        results = {k: float(v) for k, v in eval_fn(model).items()}
+                    results = {}
+                    if ctx.is_main:  # the others wait in the next step's all-reduce (see distributed.py)
+                        with _inference(model, autocast):
+                            results = {k: float(v) for k, v in eval_fn(model).items()}
+                    if ctx.enabled:
+                        results = ctx.broadcast(results)
                     log.write({"kind": "eval", "step": step, "elapsed_min": elapsed_s() / 60.0, **results})
                     last_metrics.update({f"eval/{k}": v for k, v in results.items()})
-                    tqdm.write(f"step {step} eval: {_fmt(results)}", file=sys.stderr)
+                    if ctx.is_main:
+                        tqdm.write(f"step {step} eval: {_fmt(results)}", file=sys.stderr)
 
                 # No periodic checkpoint inside a streak of skipped steps: the last good one stays.
                 if (step % cfg.ckpt_every == 0 and consecutive_bad == 0) or step == cfg.steps:
@@ -640,11 +752,47 @@ def train(
         del batches  # shuts DataLoader workers down
 
     done = step >= cfg.steps
-    if stop_reason != "done":
+    if stop_reason != "done" and ctx.is_main:
         print(f"{run_dir}: stopped at step {step}/{cfg.steps} ({stop_reason.replace('_', ' ')}); "
               f"checkpoint {ckpt_path}; continue with --resume", file=sys.stderr)
     return TrainSummary(step, done, "done" if done else stop_reason, last_metrics,
                         time.monotonic() - call_start, elapsed_s() / 60.0, ckpt_path)
+
+
+class _NoLog:
+    """What ranks other than 0 log to: nothing (only rank 0 writes run_dir)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def write_image(self, name: str, step: int, image: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _reduce_step(ctx: distributed.DistContext, loss: torch.Tensor, stop_flags: list[float],
+                 extra_state: Mapping[str, Stateful]) -> tuple[torch.Tensor, list[float], dict[str, dict[str, Any]]]:
+    """Sum over ranks, in one all-reduce, of [loss, stop flags, extra_state float tensors].
+
+    Returns the mean loss (0-d float32), the summed stop flags and, per extra_state entry with float
+    tensors, its state_dict with those tensors replaced by their mean over ranks."""
+    states = {name: obj.state_dict() for name, obj in extra_state.items()}
+    floats = [(name, key, value) for name, state in states.items() for key, value in state.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    parts = [loss.reshape(1).double(), torch.tensor(stop_flags, dtype=torch.float64, device=loss.device)]
+    parts += [value.detach().reshape(-1).to(loss.device, torch.float64) for _, _, value in floats]
+    total = ctx.sum_(torch.cat(parts)) / ctx.world_size
+    mean_loss = total[0].float()
+    flags = (total[1:3] * ctx.world_size).tolist()
+    synced: dict[str, dict[str, Any]] = {}
+    offset = 3
+    for name, key, value in floats:
+        mean = total[offset:offset + value.numel()].view(value.shape).to(value.device, value.dtype)
+        offset += value.numel()
+        synced.setdefault(name, dict(states[name]))[key] = mean
+    return mean_loss, flags, synced
 
 
 def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
