@@ -6,6 +6,13 @@
     dreamerv4 data convert-minerl SRC DST
     dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 eval tokenizer --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter
+    dreamerv4 data tokenize --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter --out runs/x/latents
+    dreamerv4 train dynamics --config configs/crafter-small.yaml [--resume] [key=value ...]
+    dreamerv4 eval dynamics --checkpoint runs/x/dynamics/checkpoint.pt --data data/crafter-heldout
+    dreamerv4 train agent --config configs/crafter-small.yaml [--resume] [key=value ...]
+    dreamerv4 eval agent --checkpoint runs/x/agent/checkpoint.pt --data data/crafter-heldout
+    dreamerv4 eval crafter --checkpoint runs/x/agent/checkpoint.pt --episodes 100
+    dreamerv4 train imagine --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 info params --config configs/minerl.yaml
 
 Handlers live next to the code they drive and are imported lazily ("module:function"), so
@@ -58,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace destination episodes that exist")
     p.set_defaults(handler="dreamerv4.data.minerl_convert:cmd_convert")
 
+    p = data.add_parser("tokenize", help="encode an episode folder into a latent dataset with a frozen tokenizer")
+    p.add_argument("--checkpoint", required=True, help="tokenizer checkpoint.pt")
+    p.add_argument("--data", required=True, help="episode folder")
+    p.add_argument("--out", required=True, help="destination latent folder")
+    p.add_argument("--overwrite", action="store_true", help="replace latent episodes that exist in --out")
+    p.add_argument("--batch-frames", type=int, default=256, help="frames encoded per forward pass")
+    p.add_argument("--context", type=int, default=None,
+                   help="frames per causal encoding chunk (default: the tokenizer's training seq_len)")
+    p.set_defaults(handler="dreamerv4.data.latents:cmd_tokenize")
+
     train = groups.add_parser("train", help="train one stage").add_subparsers(
         dest="train_command", required=True, metavar="STAGE"
     )
@@ -65,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.set_defaults(handler="dreamerv4.training.tokenizer:cmd_train")
+
+    p = train.add_parser("dynamics", help="shortcut-forcing world model on tokenizer latents (Phase 1B)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(handler="dreamerv4.training.dynamics:cmd_train")
+
+    p = train.add_parser("agent", help="agent tokens + policy/reward/value heads: behaviour cloning (Phase 2)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(handler="dreamerv4.training.agent:cmd_train")
+
+    p = train.add_parser("imagine", help="reinforcement learning in imagination: PMPO + TD(lambda) (Phase 3)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(handler="dreamerv4.training.imagine:cmd_train")
 
     evals = groups.add_parser("eval", help="evaluate a trained stage").add_subparsers(
         dest="eval_command", required=True, metavar="STAGE"
@@ -79,6 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON report path (default: next to the checkpoint)")
     p.add_argument("--max-frames", type=int, default=2048)
     p.set_defaults(handler="dreamerv4.evaluation.tokenizer:cmd_eval")
+
+    p = evals.add_parser("dynamics", help="PSNR and object retention of imagined frames vs baselines")
+    p.add_argument("--checkpoint", required=True, help="dynamics checkpoint.pt")
+    p.add_argument("--data", required=True, help="held-out episode folder (frames; encoded on the fly)")
+    p.add_argument("--out", default=None, help="JSON report path (default: next to the checkpoint)")
+    p.add_argument("--context", type=int, default=8, help="real frames before the 15 imagined ones")
+    p.add_argument("--windows", type=int, default=64, help="held-out windows (spread evenly over the episodes)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the run trained with)")
+    p.add_argument("--fit-data", default=None, help="training episodes for the cell classifier (default: data.path)")
+    p.add_argument("--steps", type=int, default=None, help="shortcut steps K per frame (default: the model's, 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the generation")
+    p.set_defaults(handler="dreamerv4.evaluation.dynamics:cmd_eval")
+
+    p = evals.add_parser("agent", help="action log-likelihood/accuracy and reward prediction on held-out episodes")
+    p.add_argument("--checkpoint", required=True, help="agent checkpoint.pt")
+    p.add_argument("--data", required=True, help="held-out episode folder, or a latent folder from `data tokenize`")
+    p.add_argument("--out", default=None, help="JSON report path (default: eval.json next to the checkpoint)")
+    p.set_defaults(handler="dreamerv4.evaluation.agent:cmd_eval")
+
+    p = evals.add_parser("crafter", help="play the real Crafter game with a trained policy")
+    p.add_argument("--checkpoint", required=True, help="agent or imagination checkpoint.pt, or `random`")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=100000, help="first environment seed (episode i uses seed + i)")
+    p.add_argument("--out", default=None,
+                   help="JSON report path (default: <run>/eval/crafter_<bc|imagine>.json; crafter_random.json for random)")
+    p.add_argument("--max-steps", type=int, default=10000, help="episode time limit (Crafter's default: 10000)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="world-model context cap in frames (default: the agent's training seq_len)")
+    p.add_argument("--greedy", action="store_true", help="take the policy's most likely action instead of sampling")
+    p.set_defaults(handler="dreamerv4.evaluation.crafter:cmd_eval")
 
     info = groups.add_parser("info", help="inspect configs and models").add_subparsers(
         dest="info_command", required=True, metavar="WHAT"

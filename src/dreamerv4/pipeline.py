@@ -9,8 +9,21 @@ the others are skipped once <out_dir>/summary.json lists them, and resume when i
     validate    check every episode; any problem stops the run
     tokenizer   train the tokenizer (Phase 1A) into <out_dir>/tokenizer, until tokenizer.train.steps or
                 its time_limit_min (either finishes the stage; Ctrl-C leaves it to resume)
-    eval        evaluate the tokenizer on held-out episodes -> <out_dir>/tokenizer/eval.json
-Later phases (dynamics, agent, imagination) append their stages here.
+    eval_tokenizer    evaluate the tokenizer on held-out episodes -> <out_dir>/tokenizer/eval.json
+    tokenize          encode data.path with the frozen tokenizer -> <out_dir>/latents (latent dataset)
+    dynamics          train the shortcut-forcing world model (Phase 1B) -> <out_dir>/dynamics
+    eval_dynamics     imagined vs real frames at several horizons, baselines, video -> dynamics/eval.json
+    agent             behaviour cloning + reward/value heads (Phase 2) -> <out_dir>/agent
+    eval_agent        held-out action likelihood / reward AUROC -> agent/eval.json
+    crafter_random    the uniform random policy in the real game -> eval/crafter_random.json
+    crafter_bc        the behaviour-cloning policy in the real game -> eval/crafter_bc.json
+    imagine           RL in imagination, PMPO + TD(lambda) (Phase 3) -> <out_dir>/imagine
+    crafter_imagine   the imagination-trained policy in the real game -> eval/crafter_imagine.json
+Then report.html and summary.json (evaluation/report.py) are written, also after a failed stage.
+Real-game evaluations play `eval.crafter_episodes` episodes from the same seeds for every policy.
+
+Under torchrun (docs/distributed.md) the training stages run on every process; the others run on
+rank 0 only while the rest wait, and only rank 0 writes summary.json and the report.
 """
 
 from __future__ import annotations
@@ -81,14 +94,88 @@ def stage_validate(cfg: RunConfig) -> dict:
 def stage_tokenizer(cfg: RunConfig) -> dict:
     from dreamerv4.training.tokenizer import train_tokenizer
 
-    summary = train_tokenizer(cfg, resume=True)
     # The time limit is the training budget the config asks for, so reaching it finishes the stage
     # (training time adds up across resumes: running again would stop at once, forever). Only an
     # interruption (SIGINT/SIGTERM) leaves the stage unfinished.
+    return _finished(train_tokenizer(cfg, resume=True), "tokenizer")
+
+
+def _finished(summary, name: str) -> dict:
     if not summary.done and summary.stop_reason != "time_limit":
-        raise SystemExit(f"[tokenizer] stopped ({summary.stop_reason}) at step {summary.step}; run again to resume")
+        raise SystemExit(f"[{name}] stopped ({summary.stop_reason}) at step {summary.step}; run again to resume")
     return {**summary.metrics, "step": summary.step, "done": summary.done, "stop_reason": summary.stop_reason,
             "train_time_min": round(summary.train_time_min, 2)}
+
+
+def stage_tokenize(cfg: RunConfig) -> dict:
+    from dreamerv4.data.latents import tokenize_dataset
+    from dreamerv4.training.dynamics import resolve_paths
+
+    stage = resolve_paths(cfg).dynamics
+    manifest = tokenize_dataset(stage.tokenizer_checkpoint, cfg.data.path, stage.latents)
+    return {"latents": stage.latents, "episodes": len(manifest.get("episodes", []))}
+
+
+def stage_dynamics(cfg: RunConfig) -> dict:
+    from dreamerv4.training.dynamics import train_dynamics
+
+    return _finished(train_dynamics(cfg, resume=True), "dynamics")
+
+
+def _heldout_or_val(cfg: RunConfig) -> Path:
+    heldout = heldout_path(cfg)
+    return heldout if heldout.is_dir() else Path(cfg.data.path)
+
+
+def stage_eval_dynamics(cfg: RunConfig) -> dict:
+    from dreamerv4.evaluation.dynamics import evaluate_dynamics, format_report
+
+    report = evaluate_dynamics(Path(cfg.out_dir) / "dynamics" / "checkpoint.pt", _heldout_or_val(cfg),
+                               fit_data=Path(cfg.data.path))
+    print(format_report(report))
+    return {"horizons": report.get("horizons")}
+
+
+def stage_agent(cfg: RunConfig) -> dict:
+    from dreamerv4.training.agent import train_agent
+
+    return _finished(train_agent(cfg, resume=True), "agent")
+
+
+def stage_eval_agent(cfg: RunConfig) -> dict:
+    from dreamerv4.evaluation.agent import evaluate_agent
+
+    report = evaluate_agent(Path(cfg.out_dir) / "agent" / "checkpoint.pt", _heldout_or_val(cfg))
+    return {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("actions", "reward")}
+
+
+def _crafter(cfg: RunConfig, label: str, checkpoint: str) -> dict:
+    from dreamerv4.evaluation.crafter import evaluate_crafter
+    from dreamerv4.evaluation.report import crafter_eval_path
+
+    out = crafter_eval_path(Path(cfg.out_dir), label)
+    report = evaluate_crafter(checkpoint, cfg.eval.crafter_episodes, seed=cfg.eval.crafter_seed,
+                              max_steps=cfg.eval.crafter_max_steps, out=out)
+    keys = ("mean_return", "return_ci95", "crafter_score", "episodes")
+    return {k: report[k] for k in keys if k in report}
+
+
+def stage_crafter_random(cfg: RunConfig) -> dict:
+    return _crafter(cfg, "random", "random")
+
+
+def stage_crafter_bc(cfg: RunConfig) -> dict:
+    return _crafter(cfg, "bc", str(Path(cfg.out_dir) / "agent" / "checkpoint.pt"))
+
+
+def stage_imagine(cfg: RunConfig) -> dict:
+    from dreamerv4.training.imagine import train_imagine
+
+    return _finished(train_imagine(cfg, resume=True), "imagine")
+
+
+def stage_crafter_imagine(cfg: RunConfig) -> dict:
+    return _crafter(cfg, "imagine", str(Path(cfg.out_dir) / "imagine" / "checkpoint.pt"))
 
 
 def stage_eval_tokenizer(cfg: RunConfig) -> dict:
@@ -109,15 +196,33 @@ STAGES: list[tuple[str, Callable[[RunConfig], dict]]] = [
     ("validate", stage_validate),
     ("tokenizer", stage_tokenizer),
     ("eval_tokenizer", stage_eval_tokenizer),
+    ("tokenize", stage_tokenize),
+    ("dynamics", stage_dynamics),
+    ("eval_dynamics", stage_eval_dynamics),
+    ("agent", stage_agent),
+    ("eval_agent", stage_eval_agent),
+    ("crafter_random", stage_crafter_random),
+    ("crafter_bc", stage_crafter_bc),
+    ("imagine", stage_imagine),
+    ("crafter_imagine", stage_crafter_imagine),
 ]
+TRAINING_STAGES = {"tokenizer", "dynamics", "agent", "imagine"}  # run on every torchrun process
 
 
 def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     """Run the stages in order; a stage whose result is in <out_dir>/summary.json is skipped."""
+    from dreamerv4.training import distributed
+    from dreamerv4.training.loop import resolve_device
+
+    if distributed.env_world_size() > 1:  # join torchrun's group now: stages wait on each other
+        distributed.setup(resolve_device(cfg.tokenizer.train))
+    main = distributed.is_main_process()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     summary_path = out / "summary.json"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    distributed.barrier()
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"stages": {}}
     names = [name for name, _ in STAGES]
     try:
@@ -127,18 +232,25 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
             if name in summary["stages"] and name not in ("record", "validate"):
                 print(f"[{i}/{len(names)}] {name}: done, skipped")
                 continue
+            if name not in TRAINING_STAGES and not main:
+                distributed.barrier()  # rank 0 runs it
+                continue
             print(f"[{i}/{len(names)}] {name}")
             started = time.perf_counter()
             result = fn(cfg)
             summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), **result}
-            tmp = summary_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=2, default=str))
-            tmp.replace(summary_path)
+            if main:
+                tmp = summary_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(summary, indent=2, default=str))
+                tmp.replace(summary_path)
+            if name not in TRAINING_STAGES:
+                distributed.barrier()
     finally:
         # Also after a failed or interrupted stage: the report shows what exists and marks the rest "not run".
-        from dreamerv4.evaluation.report import write_report
+        if main:
+            from dreamerv4.evaluation.report import write_report
 
-        print(f"report: {write_report(out)}")
+            print(f"report: {write_report(out)}")
     return json.loads(summary_path.read_text()) if summary_path.is_file() else summary
 
 

@@ -60,6 +60,33 @@ def validation_mask(names: list[str], val_fraction: float, split_seed: int) -> l
     return in_val
 
 
+def split_episodes(root: Path, split: Split, val_fraction: float, split_seed: int) -> list[tuple[Path, str]]:
+    """(folder, name) of the episodes under `root` in `split` ("all", or the side `validation_mask` puts
+    them on); DataError when `root` holds no episode folder. Shared by every dataset of windows."""
+    paths = find_episodes(root)
+    if not paths:
+        raise DataError(f"{root}: no episode folders (record some with `dreamerv4 data crafter`)")
+    names = [episode_name(root, p) for p in paths]
+    held_out = validation_mask(names, val_fraction, split_seed)
+    return [(p, n) for p, n, v in zip(paths, names, held_out) if split == "all" or v == (split == "val")]
+
+
+def window_starts(lengths: list[int], seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(episode index, start step) int64 arrays of every window of `seq_len` steps: starts every `stride`
+    steps from 0, plus one window ending at the last step; episodes shorter than seq_len give none."""
+    episode_index, starts = [], []
+    for i, length in enumerate(lengths):
+        last = length - seq_len
+        if last < 0:
+            continue
+        s = list(range(0, last + 1, stride))
+        if s[-1] != last:
+            s.append(last)
+        episode_index += [i] * len(s)
+        starts += s
+    return np.asarray(episode_index, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+
+
 class SequenceDataset(Dataset):
     """Windows of `seq_len` consecutive steps from the episodes of one split.
 
@@ -97,12 +124,7 @@ class SequenceDataset(Dataset):
         self.action_space = action_space
         self.with_semantic = with_semantic
 
-        paths = find_episodes(self.root)
-        if not paths:
-            raise DataError(f"{self.root}: no episode folders (record some with `dreamerv4 data crafter`)")
-        names = [episode_name(self.root, p) for p in paths]
-        held_out = validation_mask(names, val_fraction, split_seed)
-        chosen = [(p, n) for p, n, v in zip(paths, names, held_out) if split == "all" or v == (split == "val")]
+        chosen = split_episodes(self.root, split, val_fraction, split_seed)
 
         self.episodes: list[EpisodeInfo] = []
         self.episode_names: list[str] = []
@@ -117,21 +139,12 @@ class SequenceDataset(Dataset):
             self.episodes.append(info)
             self.episode_names.append(name)
 
-        episode_index, starts = [], []
-        for i, info in enumerate(self.episodes):
-            last = info.length - seq_len
-            s = list(range(0, last + 1, stride))
-            if s[-1] != last:
-                s.append(last)
-            episode_index += [i] * len(s)
-            starts += s
-        if not starts:
+        self._window_episode, self._window_start = window_starts([info.length for info in self.episodes], seq_len, stride)
+        if not len(self._window_start):
             raise DataError(
                 f"{self.root}: no window of {seq_len} steps in the {split} split "
                 f"({len(chosen)} episode(s), {len(self.skipped_short)} shorter than {seq_len})"
             )
-        self._window_episode = np.asarray(episode_index, dtype=np.int64)
-        self._window_start = np.asarray(starts, dtype=np.int64)
         self._frames: dict[int, np.ndarray] = {}  # opened lazily, per process
         self._semantic: dict[int, np.ndarray] = {}
 
