@@ -2,9 +2,9 @@
 
     pytest tests/test_pipeline.py -q -x
 
-record -> validate -> tokenizer -> eval_tokenizer into one run folder; a second run skips the
-finished stages and rewrites nothing; a data.path the user filled is read, never written; a
-tokenizer stopped by its time limit lets the pipeline go on; an interrupted recording is redone.
+Every stage (record -> ... -> crafter_imagine) into one run folder with report.html; a second run
+skips the finished stages and rewrites nothing; a data.path the user filled is read, never written;
+a tokenizer stopped by its time limit lets the pipeline go on; an interrupted recording is redone.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from dreamerv4.run_config import RunConfig
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 STAGES = ["record", "validate", "tokenizer", "eval_tokenizer"]
+ALL_STAGES = STAGES + ["tokenize", "dynamics", "eval_dynamics", "agent", "eval_agent", "crafter_random",
+                       "crafter_bc", "imagine", "crafter_imagine"]
+TRAIN = {"warmup_steps": 1, "log_every": 1, "precision": "fp32", "device": "cpu", "tensorboard": False, "threads": 1}
 
 
 def write_config(path: Path, out_dir: Path, data_path: Path, *, record: dict, **train) -> Path:
@@ -38,6 +41,13 @@ def write_config(path: Path, out_dir: Path, data_path: Path, *, record: dict, **
                                 "image_every": 2, "precision": "fp32", "device": "cpu", "tensorboard": False,
                                 "threads": 1, **train},
                       "lpips_weight": 0.2},
+        "dynamics": {"model": {"transformer": NET},
+                     "train": {"steps": 3, "batch_size": 2, "seq_len": 4, "image_every": 0, "eval_every": 0, **TRAIN}},
+        "agent": {"model": {"mtp_length": 2, "head_hidden": 16, "head_layers": 1},
+                  "train": {"steps": 3, "batch_size": 2, "seq_len": 4, "eval_every": 0, **TRAIN}},
+        "imagine": {"horizon": 2, "max_context": 4, "eval_episodes": 0,
+                    "train": {"steps": 2, "batch_size": 2, "seq_len": 2, "eval_every": 0, **TRAIN}},
+        "eval": {"crafter_episodes": 2, "crafter_max_steps": 12},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -64,7 +74,7 @@ def test_run_records_trains_evaluates_then_skips_finished_stages(tmp_path, capsy
     first_output = capsys.readouterr().out
 
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["stages"]) == STAGES
+    assert list(summary["stages"]) == ALL_STAGES
     stages = summary["stages"]
     heldout = tmp_path / "data" / "crafter-heldout"
     assert stages["record"] == {"seconds": stages["record"]["seconds"],
@@ -82,14 +92,27 @@ def test_run_records_trains_evaluates_then_skips_finished_stages(tmp_path, capsy
     assert json.loads((run_dir / "eval.json").read_text())["psnr"] == evaluation["psnr"]
     assert (run_dir / "eval.png").is_file() and len(list((run_dir / "images").glob("*.png"))) == 2
     assert load_config(RunConfig, out / "config.yaml") == load_config(RunConfig, config)
-    assert "[4/4] eval_tokenizer" in first_output
+    assert "[4/13] eval_tokenizer" in first_output and "[13/13] crafter_imagine" in first_output
+    for stage in ("dynamics", "agent", "imagine"):
+        assert stages[stage]["done"] and load_checkpoint(out / stage / "checkpoint.pt")["done"]
+    for method in ("model", "copy_last_frame", "shuffled_actions"):
+        assert set(stages["eval_dynamics"][method]) == {"1", "4", "8", "15"}
+        assert all(0 < scores["psnr"] <= 50 for scores in stages["eval_dynamics"][method].values())
+    assert stages["eval_agent"]["action_log_likelihood"] < 0
+    for policy in ("random", "bc", "imagine"):
+        result = json.loads((out / "eval" / f"crafter_{policy}.json").read_text())
+        assert result["episodes"] == 2 and stages[f"crafter_{policy}"]["mean_return"] == result["mean_return"]
+    report = (out / "report.html").read_text()
+    assert "not run" not in report.split('id="crafter-eval"')[1].split("</section>")[0]
+    assert json.loads((out / "summary.json").read_text())["report"]
 
-    before = snapshot(data, heldout, run_dir)
+    before = snapshot(data, heldout, *(out / stage for stage in ("tokenizer", "dynamics", "agent", "imagine", "eval")))
     assert main(["run", "--config", str(config)]) == 0
     output = capsys.readouterr().out
-    assert "[3/4] tokenizer: done, skipped" in output and "[4/4] eval_tokenizer: done, skipped" in output
+    assert "[3/13] tokenizer: done, skipped" in output and "[13/13] crafter_imagine: done, skipped" in output
     assert output.count("episodes present, using them as they are") == 2
-    assert snapshot(data, heldout, run_dir) == before  # nothing re-recorded, retrained or re-evaluated
+    # nothing re-recorded, retrained or re-evaluated
+    assert snapshot(data, heldout, *(out / stage for stage in ("tokenizer", "dynamics", "agent", "imagine", "eval"))) == before
     again = json.loads((out / "summary.json").read_text())["stages"]
     assert again["tokenizer"] == stages["tokenizer"] and again["eval_tokenizer"] == stages["eval_tokenizer"]
     assert again["record"][str(data)] == {"recorded": False, "episodes": 2}
@@ -104,7 +127,7 @@ def test_user_data_is_never_written_and_a_time_limited_tokenizer_counts_as_finis
     # 1000 steps cannot finish in 0.1 s: the time limit ends training.
     config = write_config(tmp_path / "tiny.yaml", out, user_data, record={"episodes": 2, "heldout_episodes": 0},
                           steps=1000, time_limit_min=0.1 / 60)
-    assert main(["run", "--config", str(config)]) == 0
+    assert main(["run", "--config", str(config), "--until", "eval_tokenizer"]) == 0
     assert "episodes present, using them as they are" in capsys.readouterr().out
 
     assert snapshot(user_data) == before
@@ -119,8 +142,8 @@ def test_user_data_is_never_written_and_a_time_limited_tokenizer_counts_as_finis
 
     checkpoint = out / "tokenizer" / "checkpoint.pt"
     mtime = checkpoint.stat().st_mtime_ns
-    assert main(["run", "--config", str(config)]) == 0  # used to stop at the time limit again, forever
-    assert "[3/4] tokenizer: done, skipped" in capsys.readouterr().out
+    assert main(["run", "--config", str(config), "--until", "eval_tokenizer"]) == 0  # used to stop at the time limit again, forever
+    assert "[3/13] tokenizer: done, skipped" in capsys.readouterr().out
     assert checkpoint.stat().st_mtime_ns == mtime
     assert snapshot(user_data) == before
 
@@ -137,3 +160,9 @@ def test_interrupted_recording_is_recorded_again(tmp_path):
     assert not (data / INCOMPLETE_MARKER).exists()
     summary = validate_root(data)
     assert summary["problems"] == [] and summary["frames"] == 10
+
+
+def test_until_names_a_stage(tmp_path, capsys):
+    config = write_config(tmp_path / "tiny.yaml", tmp_path / "run", tmp_path / "data", record={"episodes": 1})
+    assert main(["run", "--config", str(config), "--until", "tokenizr"]) == 2
+    assert "unknown stage" in capsys.readouterr().err

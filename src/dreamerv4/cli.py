@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = groups.add_parser("run", help="run every stage of the pipeline into one run folder")
     _config_args(p)
+    p.add_argument("--until", default=None, metavar="STAGE",
+                   help="stop after this stage (see `dreamerv4.pipeline`; e.g. eval_tokenizer)")
     p.set_defaults(handler="dreamerv4.pipeline:cmd_run")
 
     data = groups.add_parser("data", help="record, convert and validate episode folders").add_subparsers(

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dreamerv4.config import load_config, save_config
-from dreamerv4.errors import DataError
+from dreamerv4.errors import DataError, UserError
 from dreamerv4.run_config import RunConfig
 
 INCOMPLETE_MARKER = ".incomplete-recording"  # present while the pipeline records into a folder
@@ -133,7 +133,9 @@ def stage_eval_dynamics(cfg: RunConfig) -> dict:
     report = evaluate_dynamics(Path(cfg.out_dir) / "dynamics" / "checkpoint.pt", _heldout_or_val(cfg),
                                fit_data=Path(cfg.data.path))
     print(format_report(report))
-    return {"horizons": report.get("horizons")}
+    keys = ("psnr", "object_retention")
+    return {method: {h: {k: scores.get(k) for k in keys} for h, scores in by_horizon.items()}
+            for method, by_horizon in report["results"].items()}
 
 
 def stage_agent(cfg: RunConfig) -> dict:
@@ -146,7 +148,10 @@ def stage_eval_agent(cfg: RunConfig) -> dict:
     from dreamerv4.evaluation.agent import evaluate_agent
 
     report = evaluate_agent(Path(cfg.out_dir) / "agent" / "checkpoint.pt", _heldout_or_val(cfg))
-    return {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("actions", "reward")}
+    action, reward = report["action"], report["reward"]
+    return {"action_log_likelihood": action["log_likelihood"], "marginal_log_likelihood": action["marginal_log_likelihood"],
+            "action_accuracy": action["accuracy"], "reward_auroc": reward["auroc"], "reward_mae": reward["mae"],
+            "reward_baseline_mae": reward["baseline_mae"]}
 
 
 def _crafter(cfg: RunConfig, label: str, checkpoint: str) -> dict:
@@ -256,6 +261,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
 
 def cmd_run(args) -> int:
     cfg = load_config(RunConfig, args.config, args.overrides)
-    run_pipeline(cfg)
+    names = [name for name, _ in STAGES]
+    until = getattr(args, "until", None)
+    if until is not None and until not in names:
+        raise UserError(f"--until {until!r}: unknown stage; stages are {', '.join(names)}")
+    run_pipeline(cfg, names[: names.index(until) + 1] if until else None)
     print(f"run folder: {cfg.out_dir}")
     return 0
