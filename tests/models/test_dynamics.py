@@ -274,3 +274,17 @@ def test_generate_without_context_and_bad_steps():
     assert out[0].shape == (2, 2, 16, 32) and torch.allclose(out[0], out[1], atol=1e-5)
     with pytest.raises(ValueError, match="power of two"):
         model.generate(empty, no_actions, future, steps=3)
+
+
+def test_cached_generation_matches_uncached_after_a_long_context():
+    """A context long enough for the cache buffers to grow several times (36 frames, then 3
+    imagined with K = 2): cached and uncached generation still agree."""
+    model = tiny_model()
+    context, context_actions, future_actions = generation_inputs(b=1, c=36, h=3)
+    runs = [
+        model.generate(context, context_actions, future_actions, steps=2, cache=cache,
+                       generator=torch.Generator().manual_seed(11))
+        for cache in (True, False)
+    ]
+    assert runs[0].shape == (1, 3, 16, 32)
+    assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()

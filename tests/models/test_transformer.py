@@ -399,3 +399,80 @@ def test_activation_checkpointing_keeps_a_fraction_of_the_activations():
 
     plain, recomputed = saved_bytes(tiny()), saved_bytes(tiny(checkpoint_activations=True))
     assert 0 < recomputed < plain / 4
+
+
+# -- KVCache storage: preallocated buffers, doubled when full ------------------------------------
+
+
+def test_cache_long_context_with_probes_matches_full_forward():
+    """40 frames one by one, an uncommitted probe before each (as a denoising step would do):
+    the buffers grow several times, probes are overwritten, and the outputs equal one full pass."""
+    model = tiny(depth=2, time_every=2)
+    x = torch.randn(1, 40, 3, 32)
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache()
+        outputs = []
+        for t in range(40):
+            model(torch.randn(1, 1, 3, 32), cache=cache, update_cache=False)
+            outputs.append(model(x[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=1e-5, rtol=1e-5)
+    keys, values = cache.layers[1]
+    assert keys.shape == values.shape == (1 * (3 + 2), 2, 40, 8) and cache.length == 40
+
+
+def test_cache_appends_in_place_until_full_then_grows_by_a_quarter():
+    model = tiny(depth=2, time_every=2)
+    cache = KVCache()
+    pointers, capacities = [], []
+    with torch.no_grad():
+        for _ in range(40):
+            model(torch.randn(2, 1, 3, 32), cache=cache)
+            buffer = cache._buffers[1][0]
+            pointers.append(buffer.data_ptr())
+            capacities.append(buffer.shape[2])
+    # end + max(16, end // 4) frames whenever the next frame does not fit: 1 -> 17, 18 -> 34, 35 -> 51.
+    assert capacities == [17] * 17 + [34] * 17 + [51] * 6
+    # Within one capacity the stored frames are never copied: the buffer stays where it is.
+    assert len(set(pointers[:17])) == 1 and len(set(pointers[17:34])) == 1
+    keys, values = cache.layers[1]
+    assert keys.shape == (2 * 5, 2, 40, 8)
+
+
+def test_cache_under_bf16_autocast_matches_full_forward():
+    model = tiny()
+    x = torch.randn(2, 12, 5, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x).float()
+        cache = KVCache()
+        steps = torch.cat([model(x[:, t : t + 1], cache=cache).float() for t in range(12)], dim=1)
+    assert cache.layers[1][0].dtype == torch.bfloat16
+    torch.testing.assert_close(steps, full, atol=3e-2, rtol=3e-2)
+
+
+def test_cache_with_gradients_keeps_autograd_intact():
+    """With gradients flowing through the cached keys/values, frame-by-frame gives the full
+    pass's outputs and gradients (no in-place write corrupts a saved tensor)."""
+    model = tiny(depth=2, time_every=2)
+    x = torch.randn(1, 4, 3, 32)
+    model(x).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    cache = KVCache()
+    torch.cat([model(x[:, t : t + 1], cache=cache) for t in range(4)], dim=1).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cache_probe_of_several_frames_then_fewer_ignores_the_stale_buffer_space():
+    """An uncommitted call writes 3 frames after the context; the next call writes 1: the two
+    stale probe frames behind it (and the zero-filled space) must not be attended to."""
+    model = tiny(depth=2, time_every=2)
+    x = torch.randn(1, 5, 3, 32)
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache()
+        model(x[:, :4], cache=cache)
+        model(torch.randn(1, 3, 3, 32) * 10, cache=cache, update_cache=False)
+        last = model(x[:, 4:], cache=cache)
+    torch.testing.assert_close(last, full[:, 4:], atol=1e-5, rtol=1e-5)
