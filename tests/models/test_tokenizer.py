@@ -237,3 +237,27 @@ def test_locality_prior_ties_latents_to_image_regions_and_keeps_the_contract():
     assert "encoder_bias" not in tok.state_dict()  # a fixed prior, rebuilt from the config
     with pytest.raises(ValueError, match="square number of latents"):
         tiny_config(locality_slope=1.0, num_latents=8)
+
+
+def test_mlp_head_lifts_the_rank_limit_of_the_linear_read_out():
+    # A linear read-out from width 32 puts every predicted 16x16x3 patch in a 33-dim affine
+    # subspace; the GELU head (head_hidden) escapes it, and the contract stays the same.
+    latents = torch.rand(4, 2, 16, 32) * 2 - 1
+
+    def patch_rank(tok: Tokenizer) -> int:
+        with torch.no_grad():
+            patches = tok.decode_patches(latents).reshape(-1, 768).double()
+        return int(torch.linalg.matrix_rank(patches - patches.mean(0), rtol=1e-6))
+
+    assert patch_rank(tiny_tokenizer(patch_size=16)) <= 33
+    tok = tiny_tokenizer(patch_size=16, head_hidden=96)
+    assert patch_rank(tok) > 60
+    frames = torch.rand(1, 2, 3, 64, 64)
+    out = tok(frames, mask_rate=0.0)
+    assert out["reconstructed"].shape == (1, 2, 16, 768)
+    with torch.no_grad():
+        changed = frames.clone()
+        changed[:, 1] = torch.rand(1, 3, 64, 64)
+        assert torch.equal(tok(changed, mask_rate=0.0)["reconstructed"][:, :1], out["reconstructed"][:, :1])
+    with pytest.raises(ValueError, match="head_hidden"):
+        tiny_config(head_hidden=-1)

@@ -50,6 +50,9 @@ class TokenizerConfig:
     # patch queries sit on their grid cells, latent tokens on an evenly spread sqrt(L) x sqrt(L)
     # grid. Head h gets slope locality_slope * 2**-h, the last head 0 (global). 0 disables (seed).
     locality_slope: float = 0.0
+    # Decoder read-out: 0 = one linear map per patch query (seed); > 0 = a GELU MLP with this
+    # hidden width, so a wide patch (16x16x3 = 768 values) is not limited to rank embed_dim.
+    head_hidden: int = 0
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.image_size % self.patch_size:
@@ -60,6 +63,8 @@ class TokenizerConfig:
             raise ValueError(f"mask_rate ({self.mask_rate}) and mask_max ({self.mask_max}) must be in [0, 1)")
         if self.num_latents < 1 or self.latent_dim < 1:
             raise ValueError("num_latents and latent_dim must be >= 1")
+        if self.head_hidden < 0:
+            raise ValueError(f"head_hidden must be >= 0, got {self.head_hidden}")
         if self.locality_slope < 0:
             raise ValueError(f"locality_slope must be >= 0, got {self.locality_slope}")
         if self.locality_slope > 0 and round(self.num_latents**0.5) ** 2 != self.num_latents:
@@ -130,7 +135,12 @@ class Tokenizer(nn.Module):
         self.latent_slot = nn.Parameter(torch.randn(lat, dec_width) * 0.02)
         self.patch_queries = nn.Parameter(torch.randn(n, dec_width) * 0.02)
         self.decoder = SpaceTimeTransformer(cfg.decoder)
-        self.to_patch = nn.Linear(dec_width, cfg.patch_dim)
+        self.to_patch = nn.Linear(cfg.head_hidden or dec_width, cfg.patch_dim)
+        self.head = None
+        if cfg.head_hidden:
+            self.head = nn.Sequential(nn.Linear(dec_width, cfg.head_hidden), nn.GELU())
+            nn.init.trunc_normal_(self.head[0].weight, std=dec_width**-0.5, a=-2 * dec_width**-0.5, b=2 * dec_width**-0.5)
+            nn.init.zeros_(self.head[0].bias)
         for linear in (self.patch_embed, self.to_latent, self.from_latent):
             nn.init.trunc_normal_(linear.weight, std=0.02, a=-0.04, b=0.04)
         # Start as a mid-grey image with small noise: a small read-out keeps early losses and
@@ -206,8 +216,10 @@ class Tokenizer(nn.Module):
         b, t, lat, _ = latents.shape
         h = self.from_latent(latents) + self.latent_slot.to(latents.dtype)
         queries = self.patch_queries.to(h.dtype).expand(b, t, -1, -1)
-        h = self.decoder(torch.cat((h, queries), dim=2), cache=cache, space_bias=self.decoder_bias)
-        return self.to_patch(h[:, :, lat:])
+        h = self.decoder(torch.cat((h, queries), dim=2), cache=cache, space_bias=self.decoder_bias)[:, :, lat:]
+        if self.head is not None:
+            h = self.head(h)
+        return self.to_patch(h)
 
     def forward(
         self, frames: torch.Tensor, mask_rate: float | None = None, generator: torch.Generator | None = None
