@@ -34,6 +34,7 @@ from dreamerv4.training.loop import (
     StepBatchSampler,
     TrainConfig,
     TrainingDivergedError,
+    checkpoint_finished,
     load_weights,
     lr_factor,
     param_groups,
@@ -346,7 +347,9 @@ def test_time_limit_stops_and_resume_continues_the_count(tmp_path):
     assert first.stop_reason == "time_limit" and 0 < first.step < 10_000
     assert limit_s <= first.train_time_min * 60 < limit_s + 0.5
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["step"] == first.step and not ckpt["done"]
+    assert ckpt["step"] == first.step and not ckpt["done"] and ckpt["stop_reason"] == "time_limit"
+    # The budget is spent: later phases may build on it (a run stopped by a signal is refused, below).
+    assert checkpoint_finished(ckpt) and run_finished(tmp_path)
 
     again, _, _ = run_toy(tmp_path, cfg, resume=True, sleep_s=0.01)  # limit already used up
     assert again.stop_reason == "time_limit" and again.step == first.step
@@ -472,3 +475,10 @@ def test_bad_train_config_values_are_config_errors():
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match=r"tokenizer\.train: min_lr_ratio must be in \[0, 1\]"):
         load_config(RunConfig, None, ["tokenizer.train.min_lr_ratio=2"])
+
+
+
+def test_only_the_last_step_or_the_time_limit_finish_a_run():
+    assert checkpoint_finished({"done": True}) and checkpoint_finished({"done": False, "stop_reason": "time_limit"})
+    assert not checkpoint_finished({"done": False, "stop_reason": "signal"})
+    assert not checkpoint_finished({"done": False, "stop_reason": "running"}) and not checkpoint_finished({})

@@ -123,6 +123,9 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval_fn calls (0: never); also runs at the last step
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) updates that abort the run
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
+    # torch.compile every transformer block (models/transformer.py compile_blocks): ~1.5x faster
+    # steps on CPU after ~20-60 s of compilation at the first steps; off in tests.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # ValueError: config.from_dict turns it into a ConfigError naming the file and section.
@@ -248,7 +251,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda" or None,
+        fused=device.type in ("cuda", "cpu") or None,  # fused CPU AdamW: 3.5x faster update than foreach
     )
 
 
@@ -381,10 +384,10 @@ def load_weights(model: nn.Module, path: str | Path, *, require_done: bool = Tru
     """Load a checkpoint written by `train` into `model` (strict) for a later phase; returns the
     checkpoint's config dict. `require_done` refuses a run that stopped before its last step."""
     ckpt = load_checkpoint(path)
-    if require_done and not ckpt.get("done", False):
+    if require_done and not checkpoint_finished(ckpt):
         raise CheckpointError(
-            f"{path}: training stopped at step {ckpt.get('step')} before it finished; resume it first "
-            "(or pass require_done=False)"
+            f"{path}: training stopped at step {ckpt.get('step')} before it finished (neither its last step "
+            "nor its time limit); resume it first (or pass require_done=False)"
         )
     try:
         _unwrap(model).load_state_dict(ckpt["model"])
@@ -393,10 +396,16 @@ def load_weights(model: nn.Module, path: str | Path, *, require_done: bool = Tru
     return ckpt.get("config", {})
 
 
+def checkpoint_finished(ckpt: dict[str, Any]) -> bool:
+    """A run is finished when it reached its last step (`done`) or spent its time budget
+    (time_limit_min): either is what its config asked for. A signal leaves it unfinished."""
+    return bool(ckpt.get("done", False)) or ckpt.get("stop_reason") == "time_limit"
+
+
 def run_finished(run_dir: str | Path) -> bool:
-    """True when run_dir/checkpoint.pt exists and is marked done (lets a pipeline skip a stage)."""
+    """True when run_dir/checkpoint.pt exists and is finished (lets a pipeline skip a stage)."""
     path = Path(run_dir) / CHECKPOINT_FILE
-    return path.is_file() and bool(load_checkpoint(path).get("done", False))
+    return path.is_file() and checkpoint_finished(load_checkpoint(path))
 
 
 def _restore(ckpt: dict[str, Any], ckpt_path: Path, cfg: TrainConfig, model: nn.Module,
@@ -509,6 +518,10 @@ def _train(
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     model.to(device).train()
+    if cfg.compile:
+        from dreamerv4.models.transformer import compile_blocks
+
+        compile_blocks(model)
     for obj in extra_state.values():
         if isinstance(obj, nn.Module):
             obj.to(device)
@@ -594,7 +607,7 @@ def _train(
     # batch -> loss_fn(model, batch); under torchrun inside DDP's forward (gradients averaged over ranks).
     compute_loss = distributed.wrap_loss(model, loss_fn, ctx, find_unused_parameters=find_unused_parameters)
 
-    def save(done: bool) -> None:
+    def save(done: bool, reason: str | None = None) -> None:
         nonlocal saved_step, window
         rank_rng: list[Any] = []
         if ctx.enabled:  # collectives: every rank calls save() at the same steps
@@ -607,7 +620,8 @@ def _train(
                 "format": CHECKPOINT_FORMAT, "model": _unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "extra": {k: v.state_dict() for k, v in extra_state.items()},
-                "step": step, "done": done, "rng": rng_state(), "config": config_dict,
+                "step": step, "done": done, "stop_reason": reason or ("done" if done else "running"),
+                "rng": rng_state(), "config": config_dict,
                 "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
                 "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
                 "last_metrics": last_metrics, **({"rng_ranks": rank_rng} if ctx.enabled else {}),
@@ -744,8 +758,10 @@ def _train(
                 # No periodic checkpoint inside a streak of skipped steps: the last good one stays.
                 if (step % cfg.ckpt_every == 0 and consecutive_bad == 0) or step == cfg.steps:
                     save(done=step >= cfg.steps)
-            if saved_step != step:  # time limit or signal between periodic checkpoints
-                save(done=step >= cfg.steps)
+            # Time limit or signal between periodic checkpoints; a time limit is always recorded, since
+            # it finishes the run's budget (`checkpoint_finished`).
+            if saved_step != step or stop_reason == "time_limit":
+                save(done=step >= cfg.steps, reason=stop_reason)
     finally:
         bar.close()
         log.close()
