@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -166,3 +167,30 @@ def test_until_names_a_stage(tmp_path, capsys):
     config = write_config(tmp_path / "tiny.yaml", tmp_path / "run", tmp_path / "data", record={"episodes": 1})
     assert main(["run", "--config", str(config), "--until", "tokenizr"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_minerl_layout_runs_every_stage_without_the_crafter_only_parts(tmp_path, capsys):
+    """MineRL episodes (record.episodes 0, action_space minerl): no semantic labels and no game, so
+    the tokenizer eval has no object retention and the real-game stages are skipped; the rest runs."""
+    from dreamerv4.data.episodes import write_episode
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "minerl"
+    for i in range(3):
+        steps = 24
+        actions = {f"action${k}": rng.integers(0, 2, steps) for k in
+                   ("forward", "back", "left", "right", "jump", "sneak", "sprint", "attack")}
+        actions["action$camera"] = rng.uniform(-5, 5, (steps, 2)).astype(np.float32)
+        write_episode(data / f"episode_{i:05d}", rng.integers(0, 256, (steps, 64, 64, 3), dtype=np.uint8),
+                      actions, rng.normal(size=steps).astype(np.float32))
+    config = write_config(tmp_path / "minerl.yaml", tmp_path / "run", data, record={"episodes": 0})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"].update({"action_space": "minerl", "val_fraction": 0.34})
+    cfg["dynamics"]["model"]["action_space"] = "minerl"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["run", "--config", str(config)]) == 0
+    stages = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+    assert list(stages) == ALL_STAGES
+    assert "psnr" in stages["eval_tokenizer"] and "object_retention" not in stages["eval_tokenizer"]
+    assert all(stages[f"crafter_{p}"].get("skipped") for p in ("random", "bc", "imagine"))
+    assert stages["imagine"]["done"] and "no real-game evaluation" in capsys.readouterr().out

@@ -158,6 +158,10 @@ def _crafter(cfg: RunConfig, label: str, checkpoint: str) -> dict:
     from dreamerv4.evaluation.crafter import evaluate_crafter
     from dreamerv4.evaluation.report import crafter_eval_path
 
+    if cfg.data.action_space != "crafter":  # e.g. MineRL data: there is no game to play here
+        print(f"[crafter_{label}] data.action_space is {cfg.data.action_space!r}: no real-game evaluation")
+        return {"skipped": f"action space {cfg.data.action_space}"}
+
     out = crafter_eval_path(Path(cfg.out_dir), label)
     report = evaluate_crafter(checkpoint, cfg.eval.crafter_episodes, seed=cfg.eval.crafter_seed,
                               max_steps=cfg.eval.crafter_max_steps, out=out)
@@ -192,7 +196,8 @@ def stage_eval_tokenizer(cfg: RunConfig) -> dict:
                                 fit_data=Path(cfg.data.path))
     print(f"[eval_tokenizer] {result['frames']} held-out frames: PSNR {result['psnr']:.2f} dB, "
           f"SSIM {result['ssim']:.3f}, LPIPS {result['lpips']:.3f}, "
-          f"object retention {100 * (result.get('object_retention') or 0.0):.1f}%")
+          + (f"object retention {100 * result['object_retention']:.1f}%" if "object_retention" in result
+             else "no object retention (not Crafter)"))
     return result
 
 

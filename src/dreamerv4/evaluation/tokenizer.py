@@ -52,19 +52,21 @@ def load_tokenizer(checkpoint: str | Path, require_done: bool = False) -> tuple[
     return model.eval(), cfg
 
 
-def fit_frames(root: str | Path, cfg: RunConfig, max_frames: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `max_frames` real training-split frames (N,64,64,3) uint8 and their labels (N,7,9)."""
+def fit_frames(root: str | Path, cfg: RunConfig, max_frames: int, seed: int = 0,
+               with_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Up to `max_frames` real training-split frames (N,64,64,3) uint8 and their labels (N,7,9)
+    (None without `with_labels`: episodes other than Crafter's have none)."""
     data = SequenceDataset(root, seq_len=1, stride=1, split="train", val_fraction=cfg.data.val_fraction,
                            split_seed=cfg.data.split_seed, action_space=cfg.data.action_space)
     rng = np.random.default_rng(seed)
     per_episode = max(1, max_frames // len(data.episodes))
     frames, labels = [], []
     for info in data.episodes:
-        semantic = load_observations(info.path, ("semantic",))["semantic"]
         pick = np.sort(rng.choice(info.length, size=min(per_episode, info.length), replace=False))
         frames.append(np.asarray(load_frames(info.path)[pick]))
-        labels.append(semantic[pick])
-    return np.concatenate(frames)[:max_frames], np.concatenate(labels)[:max_frames]
+        if with_labels:
+            labels.append(load_observations(info.path, ("semantic",))["semantic"][pick])
+    return np.concatenate(frames)[:max_frames], (np.concatenate(labels)[:max_frames] if with_labels else None)
 
 
 @torch.no_grad()
@@ -122,24 +124,25 @@ def evaluate_tokenizer(checkpoint: str | Path, data: str | Path, split: str = "v
     checkpoint = Path(checkpoint)
     model, cfg = load_tokenizer(checkpoint)
     seq_len = cfg.tokenizer.train.seq_len
+    crafter = cfg.data.action_space == "crafter"  # object retention needs Crafter's semantic labels
     windows = SequenceDataset(data, seq_len=seq_len, stride=seq_len, split=split, val_fraction=cfg.data.val_fraction,
-                              split_seed=cfg.data.split_seed, action_space=cfg.data.action_space, with_semantic=True)
+                              split_seed=cfg.data.split_seed, action_space=cfg.data.action_space, with_semantic=crafter)
     count = min(len(windows), max(1, max_frames // seq_len))
     picks = np.linspace(0, len(windows) - 1, count).round().astype(int)
     items = [windows[int(i)] for i in picks]
     real = torch.stack([it["frames"] for it in items])
-    labels = np.concatenate([it["semantic"].numpy() for it in items])
+    labels = np.concatenate([it["semantic"].numpy() for it in items]) if crafter else None
     recon = reconstruct(model, real).flatten(0, 1)
     real = real.flatten(0, 1)
 
     fit_root = Path(fit_data or cfg.data.path)
-    classifier = cell_classifier(checkpoint.parent, fit_root, cfg, fit_max_frames, fit_steps)
+    classifier = cell_classifier(checkpoint.parent, fit_root, cfg, fit_max_frames, fit_steps) if crafter else None
     from dreamerv4.models.lpips import LPIPS  # reported even when the run trained without it
 
     lpips = LPIPS(cfg.tokenizer.lpips_net).eval()
     metrics = evaluate_reconstructions(real, recon, labels, classifier, lpips)
     # Reference points on the same frames.
-    fit_x, _ = fit_frames(fit_root, cfg, 2048, seed=1)
+    fit_x, _ = fit_frames(fit_root, cfg, 2048, seed=1, with_labels=False)
     mean_frame = torch.from_numpy(fit_x.astype(np.float32).mean(0) / 255).permute(2, 0, 1).expand_as(real)
     pooled = F.interpolate(F.avg_pool2d(real, 4), scale_factor=4, mode="nearest")
     references = {
