@@ -1,7 +1,7 @@
 """Throughput, FLOP/s, matmul utilization and peak memory of one dynamics (shortcut forcing) training step on CPU.
 
     taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dynamics_train.py             # seed size, fp32 + bf16
-    ... --precisions bf16 --repeats 3 | --batch 4 --frames 8 | --checkpoint-activations
+    ... --precisions bf16 --repeats 3 | --batch 4 --frames 8 | --checkpoint-activations | --compile
 
 One step is what `dreamerv4 train dynamics` does per update: `training/shortcut.py`'s
 shortcut_forcing_loss on clean latents (B,T,16,32) and actions (per-frame tau and d; the bootstrap
@@ -40,6 +40,7 @@ from dynamics_generate import seed_dynamics_config  # noqa: E402  (benchmarks/ h
 from tokenizer_step import machine, matmul_peak, summarize  # noqa: E402
 
 from dreamerv4.models.dynamics import DynamicsModel  # noqa: E402
+from dreamerv4.models.transformer import compile_blocks  # noqa: E402
 from dreamerv4.training.loop import TrainConfig, make_optimizer  # noqa: E402
 from dreamerv4.training.shortcut import shortcut_forcing_loss  # noqa: E402
 
@@ -99,10 +100,12 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = build(args.checkpoint_activations)
     step = make_step(model, args.worker, *make_batch(model, args.batch, args.frames))
+    if args.compile:
+        compile_blocks(model)  # what TrainConfig.compile does
     rss_setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_before = matmul_peak()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    step()  # warm-up
+    step()  # warm-up (and compilation with --compile)
     first = {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0}
     cpu_s, sys_s, wall_s = [], [], []
     for _ in range(args.repeats):
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--checkpoint-activations", action="store_true", help="TransformerConfig option")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every transformer block (models/transformer.py compile_blocks, TrainConfig.compile)")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=["fp32", "bf16"], help=argparse.SUPPRESS)

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from dreamerv4.models.tokenizer import Tokenizer, TokenizerConfig, patchify, unpatchify
-from dreamerv4.models.transformer import TransformerConfig
+from dreamerv4.models.transformer import TransformerConfig, compile_blocks
 from dreamerv4.training.loop import TrainConfig, make_optimizer
 from dreamerv4.training.loss_norm import RunningRMS
 
@@ -180,8 +180,7 @@ def worker(args: argparse.Namespace) -> dict:
     frames = torch.rand(args.batch, args.frames, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     step = make_step(model, lpips, precision, frames)
     if args.compile:
-        model.encoder.compile()
-        model.decoder.compile()
+        compile_blocks(model)  # what TrainConfig.compile does
     rss_setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_before = matmul_peak()
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -325,7 +324,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--checkpoint-activations", action="store_true", help="TransformerConfig option")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder stacks")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block (models/transformer.py compile_blocks, TrainConfig.compile)")
     parser.add_argument("--no-lpips", action="store_true", help="MSE only (the training's lpips_weight=0)")
     parser.add_argument("--malloc-tuned", action="store_true", help=f"run the steps with {MALLOC_TUNED_ENV}")
     parser.add_argument("--thp", action="store_true", help=f"run the steps with {THP_ENV}")

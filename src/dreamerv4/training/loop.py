@@ -123,8 +123,9 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval_fn calls (0: never); also runs at the last step
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) updates that abort the run
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
-    # torch.compile every transformer block (models/transformer.py compile_blocks): ~1.5x faster
-    # steps on CPU after ~20-60 s of compilation at the first steps; off in tests.
+    # torch.compile every transformer block (models/transformer.py compile_blocks): at the seed
+    # sizes in bf16 on one CPU core, dynamics steps 1.4x and tokenizer steps 1.1x faster, after
+    # ~20-40 s of compilation in the first steps (benchmarks/results/*_compile.json); off in tests.
     compile: bool = False
 
     def __post_init__(self) -> None:
