@@ -24,7 +24,8 @@ from dreamerv4.cli import main
 from dreamerv4.config import from_dict, load_config, to_dict
 from dreamerv4.data.episodes import load_frames
 from dreamerv4.data.latents import frames_to_float, tokenize_dataset
-from dreamerv4.evaluation.dynamics import HORIZONS, METHODS, PSNR_CAP, evaluate_dynamics, imagine, load_dynamics
+from dreamerv4.evaluation.dynamics import HORIZONS, METHODS, PSNR_CAP, evaluate_dynamics, imagine
+from dreamerv4.training.dynamics import load_dynamics
 from dreamerv4.evaluation.metrics import psnr
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig

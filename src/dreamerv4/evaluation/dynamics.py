@@ -36,8 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamerv4.checkpoint import load_checkpoint
-from dreamerv4.config import from_dict
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import load_frames, load_observations
 from dreamerv4.data.latents import decode_latents, encode_episode, frames_to_float, tokenizer_fingerprint
@@ -46,28 +44,11 @@ from dreamerv4.evaluation.cells import retention
 from dreamerv4.evaluation.metrics import psnr, ssim
 from dreamerv4.evaluation.tokenizer import _json_safe, cell_classifier, load_tokenizer
 from dreamerv4.models.dynamics import NO_ACTION, DynamicsModel, Rollout, previous_actions
-from dreamerv4.run_config import RunConfig
-from dreamerv4.training.loop import CHECKPOINT_FORMAT, load_weights
+from dreamerv4.training.dynamics import load_dynamics
 
 HORIZONS = (1, 4, 8, 15)
 PSNR_CAP = 50.0
 METHODS = ("model", "copy_last_frame", "copy_last_latent", "shuffled_actions", "tokenizer_reconstruction", "real")
-
-
-def load_dynamics(checkpoint: str | Path) -> tuple[DynamicsModel, RunConfig, dict]:
-    """(model in eval mode, run config, tokenizer identity {fingerprint, checkpoint, context, step})
-    of a `train dynamics` checkpoint (step: its training step)."""
-    ckpt = load_checkpoint(checkpoint)
-    config, identity = ckpt.get("config"), ckpt.get("extra", {}).get("tokenizer")
-    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "dynamics" not in config \
-            or not isinstance(identity, dict):
-        raise CheckpointError(f"{checkpoint}: not a `dreamerv4 train dynamics` checkpoint")
-    identity = {**identity, "step": int(ckpt.get("step", -1))}
-    del ckpt
-    cfg = from_dict(RunConfig, config, f"{checkpoint}:config")
-    model = DynamicsModel(cfg.dynamics.model)
-    load_weights(model, checkpoint, require_done=False)
-    return model.eval(), cfg, identity
 
 
 def frame_scores(real: torch.Tensor, pred: torch.Tensor, labels: np.ndarray | None, classifier) -> dict:
@@ -129,7 +110,7 @@ def evaluate_dynamics(checkpoint: str | Path, data: str | Path, out: str | Path 
     checkpoint = Path(checkpoint)
     if context < 1 or not horizons or min(horizons) < 1:
         raise UserError(f"--context ({context}) and every horizon ({horizons}) must be >= 1")
-    model, cfg, identity = load_dynamics(checkpoint)
+    model, cfg, identity = load_dynamics(checkpoint, require_done=False)
     tok_path = Path(tokenizer or cfg.dynamics.tokenizer_checkpoint or Path(cfg.out_dir) / "tokenizer" / "checkpoint.pt")
     tok, _ = load_tokenizer(tok_path)
     if tokenizer_fingerprint(tok) != identity["fingerprint"]:

@@ -67,7 +67,7 @@ def seed_comparison(cfg: TransformerConfig, stack: SpaceTimeTransformer) -> list
     layer_here = count(block)
     gqa_saving = 2 * d * (d - cfg.num_kv_heads * hd)
     lines = [
-        f"Seed arithmetic (seed-pipeline.txt, width 256, depth 6) against this config's encoder stack:",
+        "Seed arithmetic (seed-pipeline.txt, width 256, depth 6) against this config's encoder stack:",
         f"  attention  seed ~{SEED_ATTENTION:,}  here {attn_here:,}: the seed counts only the QKV projection "
         f"(3 x 256 x 256 = 196,608); here also the output projection ({d * d:,}) and QKNorm gains ({2 * hd})"
         + (f", minus {gqa_saving:,} for {cfg.num_kv_heads} key/value heads (GQA)" if gqa_saving else ""),
@@ -93,7 +93,8 @@ def tokenizer_report(cfg: TokenizerConfig) -> str:
         f"{count(tok.mask_token):,}; latent_tokens {count(tok.latent_tokens):,}; to_latent {count(tok.to_latent):,}",
         *stack_report("encoder", tok.encoder),
         f"  from_latent {count(tok.from_latent):,}; latent_slot {count(tok.latent_slot):,}; patch_queries "
-        f"{count(tok.patch_queries):,}; to_patch {count(tok.to_patch):,}",
+        f"{count(tok.patch_queries):,}; to_patch {count(tok.to_patch):,}"
+        + (f"; read-out MLP {count(tok.head):,}" if getattr(tok, "head", None) is not None else ""),
         *stack_report("decoder", tok.decoder),
         "",
         *seed_comparison(cfg.encoder, tok.encoder),

@@ -50,9 +50,9 @@ from dreamerv4.errors import CheckpointError, ConfigError, DataError, UserError
 from dreamerv4.models.agent import AgentModel, mtp_targets
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
+from dreamerv4.training.dynamics import load_dynamics
 from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
-from dreamerv4.training.loop import (CHECKPOINT_FORMAT, TrainSummary, checkpoint_finished, load_weights,
-                                     resolve_device, train)
+from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, checkpoint_finished, resolve_device, train
 from dreamerv4.training.loss_norm import RunningRMS
 from dreamerv4.training.shortcut import shortcut_forcing_loss
 
@@ -76,20 +76,6 @@ def _run_config(path: str | Path, ckpt: dict, section: str) -> RunConfig:
     if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or section not in config:
         raise CheckpointError(f"{path}: not a training-loop checkpoint with a {section!r} section in its run config")
     return from_dict(RunConfig, config, f"{path}:config")
-
-
-def load_dynamics(path: str | Path, require_done: bool = True) -> tuple[DynamicsModel, RunConfig, dict]:
-    """The DynamicsModel of a `train dynamics` checkpoint, the run config stored in it (paths resolved)
-    and its tokenizer identity {"fingerprint", "checkpoint", "context"}."""
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("extra", {}).get("tokenizer"), dict):  # train dynamics keeps its tokenizer's identity
-        raise CheckpointError(f"{path}: not a `dreamerv4 train dynamics` checkpoint")
-    run = resolve_dynamics_paths(_run_config(path, ckpt, "dynamics"))
-    identity = dict(ckpt["extra"]["tokenizer"])
-    del ckpt
-    model = DynamicsModel(run.dynamics.model)
-    load_weights(model, path, require_done=require_done)
-    return model, run, identity
 
 
 def load_agent(path: str | Path, require_done: bool = False) -> tuple[AgentModel, RunConfig]:

@@ -31,14 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamerv4.config import load_config, to_dict
+from dreamerv4.checkpoint import load_checkpoint
+from dreamerv4.config import from_dict, load_config, to_dict
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset, decode_latents, tokenizer_fingerprint
-from dreamerv4.errors import ConfigError, DataError, UserError
+from dreamerv4.errors import CheckpointError, ConfigError, DataError, UserError
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import image_grid
-from dreamerv4.training.loop import TrainSummary, resolve_device, train
+from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, load_weights, resolve_device, train
 from dreamerv4.training.shortcut import sample_step_and_signal, shortcut_forcing_loss
 
 VAL_WINDOWS = 64  # validation windows scored by eval_fn
@@ -171,6 +172,23 @@ def train_dynamics(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         extra_state={"tokenizer": identity}, on_image=on_image if tokenizer is not None else None, eval_fn=eval_fn,
         frames_per_sample=stage.train.seq_len, num_workers=cfg.data.num_workers, collate_fn=collate_windows,
     )
+
+
+def load_dynamics(path: str | Path, require_done: bool = True) -> tuple[DynamicsModel, RunConfig, dict]:
+    """The DynamicsModel of a `train dynamics` checkpoint (eval mode), the run config stored in it (paths
+    resolved) and its tokenizer identity {"fingerprint", "checkpoint", "context", "step" (the dynamics
+    training step)}. `require_done` refuses a run that stopped before finishing (see load_weights)."""
+    ckpt = load_checkpoint(path)
+    config, identity = ckpt.get("config"), ckpt.get("extra", {}).get("tokenizer")
+    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "dynamics" not in config \
+            or not isinstance(identity, dict):  # train dynamics keeps its tokenizer's identity
+        raise CheckpointError(f"{path}: not a `dreamerv4 train dynamics` checkpoint")
+    identity = {**identity, "step": int(ckpt.get("step", -1))}
+    del ckpt
+    run = resolve_paths(from_dict(RunConfig, config, f"{path}:config"))
+    model = DynamicsModel(run.dynamics.model)
+    load_weights(model, path, require_done=require_done)
+    return model.eval(), run, identity
 
 
 def cmd_train(args) -> int:
