@@ -194,3 +194,45 @@ def test_minerl_layout_runs_every_stage_without_the_crafter_only_parts(tmp_path,
     assert "psnr" in stages["eval_tokenizer"] and "object_retention" not in stages["eval_tokenizer"]
     assert all(stages[f"crafter_{p}"].get("skipped") for p in ("random", "bc", "imagine"))
     assert stages["imagine"]["done"] and "no real-game evaluation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("victim", ["dynamics", "agent"])
+def test_kill_9_during_a_stage_then_run_again_finishes_without_redoing_finished_stages(tmp_path, victim):
+    """`dreamerv4 run` killed with SIGKILL while a training stage runs: running it again resumes that
+    stage from its last checkpoint, leaves every finished stage's files untouched, and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, out = tmp_path / "data" / "crafter", tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", out, data, record={"episodes": 2, "heldout_episodes": 1})
+    cfg = yaml.safe_load(config.read_text())
+    # The victim trains until its time limit with a checkpoint every step, slow enough to be caught.
+    cfg[victim]["train"].update({"steps": 100_000, "ckpt_every": 1, "time_limit_min": 4 / 60})
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    command = [sys.executable, "-m", "dreamerv4.cli", "run", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    ckpt = out / victim / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not (ckpt.exists() and load_checkpoint(ckpt)["step"] >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {victim} checkpoint after 240 s"
+        time.sleep(0.05)
+    finished = [s for s in ALL_STAGES[: ALL_STAGES.index(victim)] if (out / s).is_dir()]
+    before = snapshot(*(out / s for s in finished))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    stopped = load_checkpoint(ckpt)  # written atomically: never half a file
+    assert not stopped["done"] and stopped.get("stop_reason") != "time_limit"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert snapshot(*(out / s for s in finished)) == before  # finished stages neither redone nor rewritten
+    for name in finished:
+        assert f"{name}: done, skipped" in rerun.stdout
+    resumed = load_checkpoint(ckpt)
+    assert resumed["step"] > stopped["step"] and resumed["stop_reason"] == "time_limit"
+    assert list(json.loads((out / "summary.json").read_text())["stages"]) == ALL_STAGES
