@@ -278,17 +278,23 @@ def write_episode(
         np.save(tmp / REWARDS_FILE, rewards)
         if observations:
             np.savez_compressed(tmp / OBSERVATIONS_FILE, **{k: np.asarray(v) for k, v in observations.items()})
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        publish_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def publish_folder(tmp: Path, dest: Path) -> None:
+    """Move the finished folder `tmp` to `dest` by renames only, replacing an existing `dest`: a reader
+    sees the old folder or the new one, never a mix (the old one is moved aside, then deleted)."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
 
 
 # --- validating -------------------------------------------------------------------------------------

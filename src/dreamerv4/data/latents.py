@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.data.dataset import Split, split_episodes, window_starts
 from dreamerv4.data.episodes import (
     ACTIONS_FILE, OBSERVATIONS_FILE, REWARDS_FILE, episode_name, find_episodes, load_actions, load_frames,
-    load_rewards, read_episode_info,
+    load_rewards, publish_folder, read_episode_info,
 )
 from dreamerv4.errors import DataError, UserError
 
@@ -275,15 +274,9 @@ def _write_latent_episode(dest: Path, latents: np.ndarray, source: Path, replace
         for name in (ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE):
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
-        if dest.exists():
-            if not replace:
-                raise DataError(f"{dest}: exists (pass --overwrite to replace it)")
-            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        if dest.exists() and not replace:
+            raise DataError(f"{dest}: exists (pass --overwrite to replace it)")
+        publish_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
