@@ -70,10 +70,51 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert to_dict(load_config(RunConfig, tmp_path / "config.yaml")) == to_dict(cfg)
 
 
-@pytest.mark.parametrize("name", ["crafter-small.yaml", "minerl.yaml"])
+@pytest.mark.parametrize("name", ["crafter-small.yaml", "crafter-demo.yaml", "minerl.yaml"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(RunConfig, root / "configs" / name)
     assert cfg.tokenizer.model.num_latents == 16 and cfg.tokenizer.model.latent_dim == 32
+
+
+def test_base_file_is_extended(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"out_dir": "runs/base", "data": {"stride": 3},
+                                                        "tokenizer": {"train": {"steps": 5, "lr": 0.01}}}))
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\nout_dir: runs/child\ntokenizer: {train: {steps: 7}}\n")
+    cfg = load_config(RunConfig, child, ["data.stride=2"])
+    assert cfg.out_dir == "runs/child"  # child beats base
+    assert cfg.tokenizer.train.steps == 7 and cfg.tokenizer.train.lr == 0.01  # nested keys merge
+    assert cfg.data.stride == 2  # overrides beat both
+
+
+def test_bad_base_files_are_clear_errors(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(RunConfig, child)
+    child.write_text("base: child.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(RunConfig, child)
+    (tmp_path / "base.yaml").write_text("data: {strid: 3}\n")
+    child.write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match="strid"):
+        load_config(RunConfig, child)
+
+
+def test_demo_config_only_shortens_the_preset():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    small = to_dict(load_config(RunConfig, root / "crafter-small.yaml"))
+    demo = to_dict(load_config(RunConfig, root / "crafter-demo.yaml"))
+    for stage in ("tokenizer", "dynamics", "agent"):
+        assert demo[stage]["model"] == small[stage]["model"]
+    for stage in ("tokenizer", "dynamics", "agent", "imagine"):
+        assert demo[stage]["train"]["lr"] == small[stage]["train"]["lr"]
+        assert demo[stage]["train"]["time_limit_min"] < small[stage]["train"]["time_limit_min"]
+    assert demo["data"]["path"] != small["data"]["path"]  # its smaller recording never mixes with the preset's
+    assert sum(demo[s]["train"]["time_limit_min"] for s in ("tokenizer", "dynamics", "agent", "imagine")) <= 22

@@ -3,6 +3,7 @@
 Every module owns one dataclass for its settings; `RunConfig` (run_config.py) nests them.
     cfg = load_config(RunConfig, "configs/crafter-small.yaml", ["tokenizer.train.steps=100"])
 Unknown keys and values of the wrong type raise ConfigError naming the file and the key.
+A YAML file may start with `base: other.yaml` to extend another config (e.g. configs/crafter-demo.yaml).
 """
 
 from __future__ import annotations
@@ -124,24 +125,37 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One YAML config as a dict. A top-level `base: other.yaml` (relative to this file) names a
+    config this one extends: the base is read first and this file's keys are merged over it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to this file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), loaded)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then the `key=value` overrides."""
+    """Defaults of `cls`, then the YAML file at `path` (and the `base` files it extends), then the
+    `key=value` overrides."""
     data: dict = {}
     where = "config"
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
+        data = _read_yaml(Path(path))
     data = apply_overrides(data, overrides or [])
     defaults = to_dict(cls())
     return from_dict(cls, _merge(defaults, data), where)
