@@ -37,12 +37,12 @@ def test_heldout_real_frames_are_recognized(classifier, heldout):
     result = retention(classifier, frames, labels)
     # Full measurement (20k fit frames, 3k held-out): see `python -m dreamerv4.evaluation.cells`.
     assert result["object_retention"] >= 0.95, result
-    # 0.979-0.994 measured with this small fit (400 steps). Float rounding differs between CPUs (AMD,
-    # Intel AMX) and a short fit amplifies it: one label moved from 1.00 to 0.95 between machines, so
-    # the per-label bounds leave room; the bar is object_retention >= 0.95.
+    # Measured with this small fit (400 steps): cell accuracy 0.998, tree 1.00, cow 1.00, player 0.99. The
+    # frames are reproducible (make_crafter_env); float rounding of the fit still differs between CPUs,
+    # so the bounds leave room. The bar is object_retention >= 0.95.
     assert result["cell_accuracy"] >= 0.97, result
     for name in ("tree", "cow", "player"):
-        assert result["per_label"][name]["accuracy"] >= 0.90, (name, result["per_label"][name])
+        assert result["per_label"][name]["accuracy"] >= 0.93, (name, result["per_label"][name])
 
 
 def test_erased_and_blurred_objects_score_far_lower(classifier, heldout):
@@ -77,6 +77,13 @@ def test_save_load_round_trip(classifier, heldout, tmp_path):
     torch.save({"model": {}}, path)  # some other checkpoint
     with pytest.raises(CheckpointError, match="not a cell classifier"):
         CellClassifier.load(path)
+
+
+def test_play_random_is_reproducible():
+    # crafter.Env alone is not (its despawn order follows memory addresses); make_crafter_env is.
+    a, b = play_random(seed=3, frames=400), play_random(seed=3, frames=400)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
 
 
 def test_fit_is_reproducible_for_a_seed(heldout):

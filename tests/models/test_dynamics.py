@@ -288,3 +288,28 @@ def test_cached_generation_matches_uncached_after_a_long_context():
     ]
     assert runs[0].shape == (1, 3, 16, 32)
     assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()
+
+
+def test_latent_scale_is_a_change_of_units():
+    # Same weights, scale 4: the model sees 4 x latents, so feeding it latents / 4 must give exactly
+    # the scale-1 model's outputs / 4 (forward, generation, the loss's noisy inputs).
+    plain = tiny_model()
+    scaled = tiny_model(latent_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())
+    latents, actions, tau, d, noise = batch()
+    a = plain(latents, actions, tau, d, noise=noise)
+    b = scaled(latents / 4, actions, tau, d, noise=noise)
+    for key in ("predicted_latents", "noisy_latents"):
+        torch.testing.assert_close(b[key], a[key] / 4, rtol=1e-5, atol=1e-6)
+    gen_a = plain.generate(latents[:, :3], actions[:, :3], actions[:, 3:], generator=torch.Generator().manual_seed(0))
+    gen_b = scaled.generate(latents[:, :3] / 4, actions[:, :3], actions[:, 3:], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gen_b, gen_a / 4, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_scale_validation():
+    with pytest.raises(ValueError, match="latent_scale"):
+        DynamicsConfig(latent_scale=-1.0)
+    with pytest.raises(ValueError, match="latent_scale"):
+        DynamicsConfig(latent_scale=float("nan"))
+    with pytest.raises(ValueError, match="measure"):  # 0 is resolved by training, never built
+        DynamicsModel(DynamicsConfig(latent_scale=0.0))

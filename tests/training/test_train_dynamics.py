@@ -143,3 +143,19 @@ def test_latents_of_another_tokenizer_are_refused(latent_run, tmp_path):
                       [f"dynamics.tokenizer_checkpoint={other}"])
     with pytest.raises(UserError, match="not the tokenizer that made the latents"):
         train_dynamics(cfg)
+
+
+def test_latent_scale_zero_is_measured_and_kept(latent_run, tmp_path):
+    from dreamerv4.data.latents import LatentSequenceDataset
+    from dreamerv4.training.dynamics import load_dynamics, measure_latent_scale
+
+    path = write_config(tmp_path / "cfg.yaml", tmp_path / "run", latent_run, steps=2, image_every=0, eval_every=0)
+    cfg = load_config(RunConfig, path, ["dynamics.model.latent_scale=0"])
+    train_dynamics(cfg)
+    model, run, _ = load_dynamics(tmp_path / "run" / "dynamics" / "checkpoint.pt")
+    data = LatentSequenceDataset(latent_run["latents"], seq_len=8, split="train", stride=2, val_fraction=0.34)
+    values = torch.cat([data[i]["latents"].flatten() for i in range(len(data))])
+    assert model.cfg.latent_scale == run.dynamics.model.latent_scale == measure_latent_scale(data)
+    assert model.cfg.latent_scale == pytest.approx(1 / float(values.std()), rel=0.05)  # 8 picks vs all windows
+    saved = yaml.safe_load((tmp_path / "run" / "dynamics" / "config.yaml").read_text())
+    assert saved["dynamics"]["model"]["latent_scale"] == model.cfg.latent_scale  # the resolved config, not 0

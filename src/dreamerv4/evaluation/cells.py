@@ -239,13 +239,13 @@ def play_random(seed: int, frames: int, max_episode_steps: int = 10_000) -> tupl
     """Frames (N,64,64,3) uint8 and labels (N,7,9) from uniformly random actions in Crafter
     worlds seeded seed, seed+1, ... (one world per episode). For tests and this module's report;
     recorded episodes carry the same labels in observations.npz['semantic']."""
-    import crafter  # imported here: only recording needs the game
+    from dreamerv4.data.crafter_record import make_crafter_env  # crafter.Env made reproducible
 
     rng = np.random.default_rng(seed)
     out_frames, out_labels = [], []
     episode = 0
     while len(out_frames) < frames:
-        env = crafter.Env(seed=seed + episode, length=max_episode_steps)
+        env = make_crafter_env(seed + episode, max_episode_steps)
         env.reset()
         episode += 1
         done = False

@@ -211,7 +211,7 @@ class AgentModel(nn.Module):
             d = torch.full((b, t), cfg.d_min, device=latents.device)
         if noise is None:
             noise = torch.randn_like(latents, dtype=torch.float32)
-        noisy = add_noise(latents.float(), noise, tau)
+        noisy = add_noise(self.dynamics.to_model(latents), noise, tau)
         predicted, hidden = self.encode(noisy, previous_actions(actions), tau, d)
         policy, reward = self.policy_mtp(hidden), self.reward_mtp(hidden)
         return {
@@ -220,8 +220,8 @@ class AgentModel(nn.Module):
             "value_logits": self.value(hidden),
             "policy_logits_mtp": policy,
             "reward_logits_mtp": reward,
-            "predicted_latents": predicted,
-            "noisy_latents": noisy.float(),
+            "predicted_latents": self.dynamics.from_model(predicted),
+            "noisy_latents": self.dynamics.from_model(noisy),
             "agent_hidden": hidden,
         }
 
@@ -266,7 +266,7 @@ class AgentRollout:
         last of them (B,width)."""
         cfg = self.model.dynamics.cfg
         level = cfg.context_signal_level
-        noisy = add_noise(latents.float(), self._noise(tuple(latents.shape), latents.device), level)
+        noisy = add_noise(self.model.dynamics.to_model(latents), self._noise(tuple(latents.shape), latents.device), level)
         full = lambda v: torch.full(noisy.shape[:2], v, device=noisy.device)  # noqa: E731
         _, hidden = self.model.encode(noisy, prev_actions, full(level), full(cfg.d_min), cache=self.cache)
         self.last_hidden = hidden[:, -1].float()
@@ -286,7 +286,7 @@ class AgentRollout:
             predicted, _ = self.model.encode(z, action[:, None], full(tau), full(d), cache=self.cache,
                                              update_cache=False)
             z = z + (predicted - z) * (d / (1.0 - tau))  # Euler step of b = (x^ - z) / (1 - tau)
-        return z[:, 0]
+        return self.model.dynamics.from_model(z[:, 0])
 
     def imagine_step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """imagine() the frame after `action` (B,), then observe() it: (next latents (B,L,C), its agent

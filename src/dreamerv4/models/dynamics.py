@@ -24,6 +24,12 @@ The read-out is a linear map width -> 32 of the latent tokens: the predicted cle
 Noising (design.md 3): z~ = (1 - tau) z0 + tau z1, z0 ~ N(0, I) noise, z1 the data (`add_noise`).
 The training objective lives in `training/shortcut.py`.
 
+Latent scale: the tokenizer's tanh latents have a std near 0.26 on Crafter, against unit noise, so
+at most signal levels tau the data is a small part of z~ and the model learns little beyond a mean
+(the same reason latent diffusion rescales its VAE latents). With `latent_scale` s the model sees
+and predicts s * latents: every method takes and returns tokenizer latents (`to_model`,
+`from_model`); only `denoise` and the shortcut loss's internals work in the scaled space.
+
 Generation (`generate`, `Rollout`): frames one at a time, K shortcut steps each (d = 1/K, Euler
 steps of the velocity (x^ - z)/(1 - tau), starting from pure noise at tau = 0). A finished frame,
 like every real context frame, enters the context re-noised to signal `context_signal` (snapped to
@@ -64,6 +70,9 @@ class DynamicsConfig:
     # bootstrap's constant-prediction fixed point (see training/shortcut.py).
     bootstrap_fraction: float = 0.25
     sampling_steps: int = 4  # K shortcut steps per generated frame (d = 1 / K)
+    # The model works on latents * latent_scale (module docstring, "Latent scale"). 0: measured as
+    # 1 / std of the training latents when `train dynamics` starts, and stored in its checkpoint.
+    latent_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not _is_power_of_two(self.k_max):
@@ -79,6 +88,8 @@ class DynamicsConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.num_latents < 1 or self.latent_dim < 1:
             raise ValueError("num_latents and latent_dim must be >= 1")
+        if not (self.latent_scale >= 0 and math.isfinite(self.latent_scale)):
+            raise ValueError(f"latent_scale must be a finite number >= 0 (0: measure it), got {self.latent_scale}")
         get_action_space(self.action_space)  # ValueError naming the choices
 
     @property
@@ -132,6 +143,8 @@ class DynamicsModel(nn.Module):
         self.latent_slot = nn.Parameter(torch.randn(cfg.num_latents, width) * 0.02)
         self.transformer = SpaceTimeTransformer(cfg.transformer)
         self.latent_out = nn.Linear(width, cfg.latent_dim)
+        if cfg.latent_scale <= 0:
+            raise ValueError("latent_scale 0 means `measure it`: train dynamics resolves it before building the model")
         for embedding in (*self.action_embeds, self.signal_embed, self.step_embed):
             nn.init.normal_(embedding.weight, std=0.02)
         for linear in (self.latent_in, self.latent_out):
@@ -156,6 +169,14 @@ class DynamicsModel(nn.Module):
         if bool(bad.any()):
             raise ValueError(f"step size d must be 1/2^e with 0 <= e <= {max_exponent} (d_min = 1/{self.cfg.k_max})")
         return exponent.long()
+
+    def to_model(self, latents: torch.Tensor) -> torch.Tensor:
+        """Tokenizer latents -> the model's space (float32)."""
+        return latents.float() * self.cfg.latent_scale
+
+    def from_model(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's space -> tokenizer latents."""
+        return z / self.cfg.latent_scale
 
     def embed_actions(self, prev_actions: torch.Tensor) -> torch.Tensor:
         """Codes (B,T) of the action that led to each frame (NO_ACTION: none) -> tokens (B,T,width)."""
@@ -224,10 +245,10 @@ class DynamicsModel(nn.Module):
         """Clean latents (B,T,L,C), dataset-aligned actions (B,T), per-frame tau and d (B,T) ->
         {"predicted_latents", "noisy_latents"} (B,T,L,C) float32. Noise ~ N(0, I) unless given."""
         if noise is None:
-            noise = torch.randn_like(latents)
-        noisy = add_noise(latents, noise, tau)
+            noise = torch.randn_like(latents, dtype=torch.float32)
+        noisy = add_noise(self.to_model(latents), noise, tau)
         predicted = self.denoise(noisy, previous_actions(actions), tau, d)
-        return {"predicted_latents": predicted, "noisy_latents": noisy.float()}
+        return {"predicted_latents": self.from_model(predicted), "noisy_latents": self.from_model(noisy)}
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -308,7 +329,8 @@ class Rollout:
         """Append frames (B,N,L,C) to the context, re-noised to the context signal level, each with
         the code of the action that led to it (B,N) (NO_ACTION for none)."""
         cfg = self.model.cfg
-        noisy = add_noise(latents.float(), self._noise(tuple(latents.shape), latents), cfg.context_signal_level)
+        noisy = add_noise(self.model.to_model(latents), self._noise(tuple(latents.shape), latents),
+                          cfg.context_signal_level)
         if self.cache is not None:
             tau, d = self._full(noisy, cfg.context_signal_level), self._full(noisy, cfg.d_min)
             self.model.denoise(noisy, prev_actions, tau, d, cache=self.cache, update_cache=True)
@@ -349,7 +371,7 @@ class Rollout:
             tau = i * d
             predicted = self._predict(z, prev_action, tau, d)
             z = z + (predicted - z) * (d / (1.0 - tau))  # Euler step of b = (x^ - z) / (1 - tau); last step lands on x^
-        return z[:, 0]
+        return self.model.from_model(z[:, 0])
 
     def step(self, prev_action: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """imagine() the next frame, then observe() it; returns it (B,L,C)."""

@@ -91,6 +91,17 @@ def _load_frozen_tokenizer(path: Path, manifest: dict, device: torch.device):
     return tokenizer.to(device).requires_grad_(False)
 
 
+def measure_latent_scale(data: LatentSequenceDataset, windows: int = 256) -> float:
+    """1 / std of the latents of up to `windows` evenly spread training windows, rounded to 4 digits
+    (the value `dynamics.model.latent_scale: 0` resolves to)."""
+    picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), windows)).round().astype(int))
+    values = torch.cat([data[int(i)]["latents"].float().flatten() for i in picks])
+    std = float(values.std())
+    if not (std > 0 and np.isfinite(std)):
+        raise UserError(f"{data.root}: latents have std {std}; cannot scale them (dynamics.model.latent_scale)")
+    return round(1.0 / std, 4)
+
+
 def validation_batches(data: LatentSequenceDataset, k_max: int, bootstrap_fraction: float, seed: int = 0) -> list[dict]:
     """Up to VAL_WINDOWS evenly spread windows, with fixed (tau, d, noise), in batches of VAL_BATCH."""
     picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), VAL_WINDOWS)).round().astype(int))
@@ -122,6 +133,11 @@ def train_dynamics(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     if data.latent_shape != (stage.model.num_latents, stage.model.latent_dim):
         raise ConfigError(f"{stage.latents}: latents are {data.latent_shape}, dynamics.model expects "
                           f"({stage.model.num_latents}, {stage.model.latent_dim})")
+    if stage.model.latent_scale == 0:  # measured once; the checkpoint's config keeps the value
+        stage = dataclasses.replace(stage, model=dataclasses.replace(stage.model, latent_scale=measure_latent_scale(data)))
+        cfg = dataclasses.replace(cfg, dynamics=stage)
+        print(f"dynamics.model.latent_scale = {stage.model.latent_scale:.4f} (1 / std of the training latents)",
+              file=sys.stderr)
     device = resolve_device(stage.train)
     tokenizer = _load_frozen_tokenizer(Path(stage.tokenizer_checkpoint), manifest, device)
     identity = TokenizerIdentity(manifest["tokenizer"]["fingerprint"], manifest["tokenizer"]["checkpoint"],

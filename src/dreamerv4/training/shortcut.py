@@ -146,7 +146,7 @@ def shortcut_forcing_loss(
     """
     cfg = model.cfg
     b, t = latents.shape[:2]
-    latents = latents.float()
+    latents = model.to_model(latents)  # the loss lives in the model's (scaled) latent space
     if tau is None or d is None:
         tau, d = sample_step_and_signal(
             b, t, cfg.k_max, cfg.bootstrap_fraction, generator=generator, device=latents.device
