@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine (see README.md):
-#   make demo   set up .venv and run the main job on the embedded default (Crafter)
+#   make demo   set up .venv and run the main job on the embedded default (Crafter, ~30 min on 2 cores)
 #   make test   set up .venv and run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dreamerv4 run --config configs/crafter-small.yaml
+	$(VENV)/bin/dreamerv4 run --config configs/crafter-demo.yaml
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
