@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Extra key=value overrides: make demo ARGS="out_dir=runs/other eval.crafter_episodes=100"
 demo: $(STAMP)
-	$(VENV)/bin/dreamerv4 run --config configs/crafter-demo.yaml
+	$(VENV)/bin/dreamerv4 run --config configs/crafter-demo.yaml $(ARGS)
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q
