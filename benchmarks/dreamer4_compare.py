@@ -2,6 +2,7 @@
 
     taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dreamer4_compare.py --d4-python /work/exp/d4venv/bin/python
     ... --models dynamics --batch 8 --frames 8      # smaller, for both implementations alike
+    ... --compile --warmup 2 --steps 2 --threads 2  # ours compiled (train.compile: true), both on 2 threads
 
 `dreamer4` is not a dependency of this project: install it into a separate environment
 (python3 -m venv D && D/bin/pip install torch==2.13.0 && D/bin/pip install 'dreamer4==0.20.*') and
@@ -53,22 +54,30 @@ LR, GRAD_CLIP, NUM_ACTIONS = 3e-4, 1.0, 17
 # Steps (each builds its model; imports stay inside so the dreamer4 side never imports dreamerv4)
 
 
-def ours_tokenizer_step(precision: str, batch: int, frames: int):
+def ours_tokenizer_step(precision: str, batch: int, frames: int, compile: bool = False):
     sys.path.insert(0, str(HERE))
     from tokenizer_step import build, make_step
+
+    from dreamerv4.models.transformer import compile_blocks
 
     args = argparse.Namespace(width=WIDTH, depth=DEPTH, heads=HEADS, kv_heads=HEADS, time_every=TIME_EVERY,
                               registers=REGISTERS, checkpoint_activations=False, mask_rate=0.75, no_lpips=False)
     model, lpips = build(args)
+    if compile:
+        compile_blocks(model)  # what TrainConfig.compile does
     video = torch.rand(batch, frames, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
     return model, make_step(model, lpips, precision, video)
 
 
-def ours_dynamics_step(precision: str, batch: int, frames: int):
+def ours_dynamics_step(precision: str, batch: int, frames: int, compile: bool = False):
     sys.path.insert(0, str(HERE))
     from dynamics_train import build, make_batch, make_step
 
+    from dreamerv4.models.transformer import compile_blocks
+
     model = build()
+    if compile:
+        compile_blocks(model)  # what TrainConfig.compile does
     return model, make_step(model, precision, *make_batch(model, batch, frames))
 
 
@@ -133,7 +142,8 @@ def worker(args: argparse.Namespace) -> dict:
 
         out["dreamer4"] = version("dreamer4")
     try:
-        model, step = STEPS[(side, model_name)](args.worker_precision, args.batch, args.frames)
+        extra = {"compile": args.compile} if side == "ours" else {}
+        model, step = STEPS[(side, model_name)](args.worker_precision, args.batch, args.frames, **extra)
         out["parameters"] = sum(p.numel() for p in model.parameters())
         cpu_s, wall_s = [], []
         for i in range(args.warmup + args.steps):
@@ -186,6 +196,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per worker")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with torch.compile per transformer block (train.compile: true); give --warmup >= 1")
     parser.add_argument("--memory-limit-gb", type=float, default=14.0, help="address-space limit per worker")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)

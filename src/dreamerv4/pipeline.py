@@ -249,6 +249,8 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
             started = time.perf_counter()
             result = fn(cfg)
             summary["stages"][name] = {"seconds": round(time.perf_counter() - started, 1), **result}
+            # Stage seconds summed: with resumed or skipped stages, the time this run folder took in all.
+            summary["total_seconds"] = round(sum(float(s.get("seconds", 0.0)) for s in summary["stages"].values()), 1)
             if main:
                 tmp = summary_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(summary, indent=2, default=str))
@@ -270,6 +272,6 @@ def cmd_run(args) -> int:
     until = getattr(args, "until", None)
     if until is not None and until not in names:
         raise UserError(f"--until {until!r}: unknown stage; stages are {', '.join(names)}")
-    run_pipeline(cfg, names[: names.index(until) + 1] if until else None)
-    print(f"run folder: {cfg.out_dir}")
+    summary = run_pipeline(cfg, names[: names.index(until) + 1] if until else None)
+    print(f"run folder: {cfg.out_dir} ({summary.get('total_seconds', 0.0) / 60:.1f} min of stages in all)")
     return 0

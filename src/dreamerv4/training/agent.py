@@ -35,7 +35,6 @@ bc_nll_0 and action_acc_0 (offset 0, the action taken now); reward_mae_0; and ev
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +45,16 @@ from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.config import from_dict, load_config, to_dict
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset
-from dreamerv4.errors import CheckpointError, ConfigError, DataError, UserError
+from dreamerv4.errors import CheckpointError, ConfigError, UserError
 from dreamerv4.models.agent import AgentModel, mtp_targets
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.dynamics import load_dynamics
+from dreamerv4.training.dynamics import load_dynamics, validation_batches, validation_windows
 from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
 from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, checkpoint_finished, resolve_device, train
 from dreamerv4.training.loss_norm import RunningRMS
 from dreamerv4.training.shortcut import shortcut_forcing_loss
 
-VAL_WINDOWS = 64
-VAL_BATCH = 16
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -189,32 +186,22 @@ def train_agent(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         return loss, metrics
 
     eval_fn = None
-    if stage.train.eval_every:
-        try:
-            val = LatentSequenceDataset(stage.latents, seq_len=stage.train.seq_len, split="val", **split)
-        except DataError as exc:
-            print(f"no validation windows ({exc}); train.eval_every is ignored", file=sys.stderr)
-        else:
-            picks = np.unique(np.linspace(0, len(val) - 1, min(len(val), VAL_WINDOWS)).round().astype(int))
-            generator = torch.Generator().manual_seed(0)
-            val_batches = []
-            for i in range(0, len(picks), VAL_BATCH):
-                batch = collate_windows([val[int(j)] for j in picks[i: i + VAL_BATCH]])
-                batch["noise"] = torch.randn(batch["latents"].shape, generator=generator)
-                val_batches.append(batch)
+    val = validation_windows(stage.latents, stage.train.seq_len, stage.train.eval_every, **split)
+    if val is not None:
+        val_batches = validation_batches(val)
 
-            def eval_fn(model: AgentModel) -> dict:
-                sums: dict[str, float] = {}
-                count = 0
-                for batch in val_batches:
-                    b = {k: v.to(device) for k, v in batch.items()}
-                    out = model(b["latents"], b["actions"], noise=b["noise"])
-                    losses = agent_losses(model, out, b["actions"], b["rewards"])
-                    n = b["actions"].shape[0]
-                    for k in ("bc_nll_0", "action_acc_0", "reward_mae_0", "bc_nll", "reward_nll"):
-                        sums[k] = sums.get(k, 0.0) + float(losses[k]) * n
-                    count += n
-                return {f"val_{k}": v / count for k, v in sums.items()}
+        def eval_fn(model: AgentModel) -> dict:
+            sums: dict[str, float] = {}
+            count = 0
+            for batch in val_batches:
+                b = {k: v.to(device) for k, v in batch.items()}
+                out = model(b["latents"], b["actions"], noise=b["noise"])
+                losses = agent_losses(model, out, b["actions"], b["rewards"])
+                n = b["actions"].shape[0]
+                for k in ("bc_nll_0", "action_acc_0", "reward_mae_0", "bc_nll", "reward_nll"):
+                    sums[k] = sums.get(k, 0.0) + float(losses[k]) * n
+                count += n
+            return {f"val_{k}": v / count for k, v in sums.items()}
 
     return train(
         model, data, loss_fn, stage.train, Path(cfg.out_dir) / "agent", resume=resume, config_dict=to_dict(cfg),

@@ -91,27 +91,45 @@ def _load_frozen_tokenizer(path: Path, manifest: dict, device: torch.device):
     return tokenizer.to(device).requires_grad_(False)
 
 
+def spread_picks(n: int, count: int) -> np.ndarray:
+    """Up to `count` distinct indices spread evenly over range(n)."""
+    return np.unique(np.linspace(0, n - 1, min(n, count)).round().astype(int))
+
+
 def measure_latent_scale(data: LatentSequenceDataset, windows: int = 256) -> float:
     """1 / std of the latents of up to `windows` evenly spread training windows, rounded to 4 digits
     (the value `dynamics.model.latent_scale: 0` resolves to)."""
-    picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), windows)).round().astype(int))
-    values = torch.cat([data[int(i)]["latents"].float().flatten() for i in picks])
+    values = torch.cat([data[int(i)]["latents"].float().flatten() for i in spread_picks(len(data), windows)])
     std = float(values.std())
     if not (std > 0 and np.isfinite(std)):
         raise UserError(f"{data.root}: latents have std {std}; cannot scale them (dynamics.model.latent_scale)")
     return round(1.0 / std, 4)
 
 
-def validation_batches(data: LatentSequenceDataset, k_max: int, bootstrap_fraction: float, seed: int = 0) -> list[dict]:
-    """Up to VAL_WINDOWS evenly spread windows, with fixed (tau, d, noise), in batches of VAL_BATCH."""
-    picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), VAL_WINDOWS)).round().astype(int))
+def validation_windows(root: str | Path, seq_len: int, eval_every: int, **split) -> LatentSequenceDataset | None:
+    """The val split of a latent folder for a stage's periodic evaluation; None when eval_every is 0
+    or the split has no window (then with a note: training goes on without validation)."""
+    if not eval_every:
+        return None
+    try:
+        return LatentSequenceDataset(root, seq_len=seq_len, split="val", **split)
+    except DataError as exc:
+        print(f"no validation windows ({exc}); train.eval_every is ignored", file=sys.stderr)
+        return None
+
+
+def validation_batches(data: LatentSequenceDataset, k_max: int | None = None, bootstrap_fraction: float = 0.0,
+                       seed: int = 0) -> list[dict]:
+    """Up to VAL_WINDOWS evenly spread windows in batches of VAL_BATCH, each with fixed noise and,
+    given k_max, fixed shortcut (tau, d): the same numbers at every evaluation."""
     generator = torch.Generator().manual_seed(seed)
+    picks = spread_picks(len(data), VAL_WINDOWS)
     batches = []
     for i in range(0, len(picks), VAL_BATCH):
-        items = [data[int(j)] for j in picks[i: i + VAL_BATCH]]
-        batch = collate_windows(items)
-        b, t = batch["actions"].shape
-        batch["tau"], batch["d"] = sample_step_and_signal(b, t, k_max, bootstrap_fraction, generator=generator)
+        batch = collate_windows([data[int(j)] for j in picks[i: i + VAL_BATCH]])
+        if k_max is not None:
+            b, t = batch["actions"].shape
+            batch["tau"], batch["d"] = sample_step_and_signal(b, t, k_max, bootstrap_fraction, generator=generator)
         batch["noise"] = torch.randn(batch["latents"].shape, generator=generator)
         batches.append(batch)
     return batches
@@ -165,23 +183,19 @@ def train_dynamics(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         return {"real_imagined": image_grid(rows, ncols=t)}
 
     eval_fn = None
-    if stage.train.eval_every:
-        try:
-            val = LatentSequenceDataset(stage.latents, seq_len=stage.train.seq_len, split="val", **split)
-        except DataError as exc:
-            print(f"no validation windows ({exc}); train.eval_every is ignored", file=sys.stderr)
-        else:
-            val_batches = validation_batches(val, stage.model.k_max, stage.model.bootstrap_fraction)
+    val = validation_windows(stage.latents, stage.train.seq_len, stage.train.eval_every, **split)
+    if val is not None:
+        val_batches = validation_batches(val, stage.model.k_max, stage.model.bootstrap_fraction)
 
-            def eval_fn(model: DynamicsModel) -> dict:
-                total, x_mse, frames = 0.0, 0.0, 0
-                for batch in val_batches:
-                    b = {k: v.to(device) for k, v in batch.items()}
-                    loss, metrics = shortcut_forcing_loss(model, b["latents"], b["actions"], tau=b["tau"], d=b["d"],
-                                                          noise=b["noise"])
-                    n = b["actions"].numel()
-                    total, x_mse, frames = total + float(loss) * n, x_mse + float(metrics["x_mse"]) * n, frames + n
-                return {"val_loss": total / frames, "val_x_mse": x_mse / frames}
+        def eval_fn(model: DynamicsModel) -> dict:
+            total, x_mse, frames = 0.0, 0.0, 0
+            for batch in val_batches:
+                b = {k: v.to(device) for k, v in batch.items()}
+                loss, metrics = shortcut_forcing_loss(model, b["latents"], b["actions"], tau=b["tau"], d=b["d"],
+                                                      noise=b["noise"])
+                n = b["actions"].numel()
+                total, x_mse, frames = total + float(loss) * n, x_mse + float(metrics["x_mse"]) * n, frames + n
+            return {"val_loss": total / frames, "val_x_mse": x_mse / frames}
 
     return train(
         model, data, loss_fn, stage.train, run_dir, resume=resume, config_dict=to_dict(cfg),
