@@ -218,6 +218,13 @@ def test_report_table_values_come_from_the_files(tmp_path):
     for name in ACHIEVEMENTS:
         assert f"<td>{name}</td>" in crafter
     assert "10:12" in page  # tokenizer wall time 612 s as m:ss
+    evals = page[page.index('id="stage-evals"'):page.index('id="crafter-eval"')]
+    assert "no imagine/eval.json" in evals  # no real-game result for it either
+    imagine = json.loads(crafter_eval_path(run, "bc").read_text())
+    crafter_eval_path(run, "imagine").write_text(json.dumps({**imagine, "mean_return": 5.0}))
+    page = write_report(run).read_text()
+    evals = page[page.index('id="stage-evals"'):page.index('id="crafter-eval"')]
+    assert "evaluated in the real game" in evals and "no imagine/eval.json" not in evals  # its test is the game
     assert "train time" in page and "skipped non-finite updates" in page
 
 

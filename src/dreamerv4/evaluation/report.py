@@ -520,6 +520,10 @@ def _section_stage_evals(data: dict) -> tuple[bool, str]:
     for name in names:
         parts.append(f"<h3>{_esc(name)}</h3>")
         result = data["stage_evals"].get(name)
+        if result is None and name == "imagine" and data["crafter_eval"].get("imagine"):
+            # Imagination training has no offline evaluation of its own: its test is the real game.
+            parts.append('<p class="note">evaluated in the real game: see "Real-game evaluation (Crafter)"</p>')
+            continue
         if result is None:
             parts.append(_not_run(f"no {name}/{STAGE_EVAL_FILE}"))
             continue
