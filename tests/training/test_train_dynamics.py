@@ -10,7 +10,6 @@ written; latents of another tokenizer are refused.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
