@@ -51,10 +51,9 @@ from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.dynamics import load_dynamics, validation_batches, validation_windows
 from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
-from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, checkpoint_finished, resolve_device, train
+from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, require_finished, resolve_device, train
 from dreamerv4.training.loss_norm import RunningRMS
 from dreamerv4.training.shortcut import shortcut_forcing_loss
-
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -81,8 +80,8 @@ def load_agent(path: str | Path, require_done: bool = False) -> tuple[AgentModel
     inside it; eval mode. The config's `dynamics` section is the dynamics run the agent started from."""
     ckpt = load_checkpoint(path)
     run = _run_config(path, ckpt, "agent")
-    if ckpt.get("format") == CHECKPOINT_FORMAT and require_done and not checkpoint_finished(ckpt):
-        raise CheckpointError(f"{path}: training stopped at step {ckpt.get('step')} before it finished; resume it")
+    if ckpt.get("format") == CHECKPOINT_FORMAT and require_done:
+        require_finished(ckpt, path)
     state = ckpt["model"]
     if not any(k.startswith("agent_tokens") for k in state) and any(k.startswith("agent.") for k in state):
         state = {k[len("agent."):]: v for k, v in state.items() if k.startswith("agent.")}

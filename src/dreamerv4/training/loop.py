@@ -385,11 +385,8 @@ def load_weights(model: nn.Module, path: str | Path, *, require_done: bool = Tru
     """Load a checkpoint written by `train` into `model` (strict) for a later phase; returns the
     checkpoint's config dict. `require_done` refuses a run that stopped before its last step."""
     ckpt = load_checkpoint(path)
-    if require_done and not checkpoint_finished(ckpt):
-        raise CheckpointError(
-            f"{path}: training stopped at step {ckpt.get('step')} before it finished (neither its last step "
-            "nor its time limit); resume it first (or pass require_done=False)"
-        )
+    if require_done:
+        require_finished(ckpt, path)
     try:
         _unwrap(model).load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as exc:
@@ -401,6 +398,15 @@ def checkpoint_finished(ckpt: dict[str, Any]) -> bool:
     """A run is finished when it reached its last step (`done`) or spent its time budget
     (time_limit_min): either is what its config asked for. A signal leaves it unfinished."""
     return bool(ckpt.get("done", False)) or ckpt.get("stop_reason") == "time_limit"
+
+
+def require_finished(ckpt: dict[str, Any], path: str | Path) -> None:
+    """CheckpointError unless the checkpoint at `path` is finished (`checkpoint_finished`)."""
+    if not checkpoint_finished(ckpt):
+        raise CheckpointError(
+            f"{path}: training stopped at step {ckpt.get('step')} before it finished (neither its last step "
+            "nor its time limit); resume it first (or pass require_done=False)"
+        )
 
 
 def run_finished(run_dir: str | Path) -> bool:
