@@ -13,7 +13,8 @@ import torch
 from dreamerv4.data.crafter_layout import BACKGROUND_LABELS, GRID_COLS, GRID_ROWS, SEMANTIC_NAMES
 from dreamerv4.errors import CheckpointError
 from dreamerv4.evaluation.cells import (
-    CellClassifier, as_images, blur, erase_objects, evaluate_reconstructions, play_random, retention,
+    CellClassifier, as_images, blur, dark_frames, erase_objects, evaluate_reconstructions, play_random, retention,
+    retention_by_light,
 )
 
 FIT_FRAMES, HELDOUT_FRAMES = 3000, 1000
@@ -121,6 +122,32 @@ def test_retention_counts():
     assert result["per_label"]["grass"]["count"] == 2 * GRID_ROWS * GRID_COLS - 6
     assert set(result["per_label"]) == {"grass", "tree", "cow"}
     assert all(SEMANTIC_NAMES.index(n) not in BACKGROUND_LABELS for n in ("tree", "cow"))
+
+
+def test_retention_by_light_splits_dark_frames():
+    labels = np.full((3, GRID_ROWS, GRID_COLS), GRASS, np.uint8)
+    labels[:, 0, :2] = TREE
+    real = torch.zeros(3, 3, 64, 64)
+    real[:2, 1] = 0.6  # two saturated green frames ("day")
+    real[2] = 0.3  # one grey frame ("night")
+    real[:, 0, 63, 63] = torch.arange(3) / 10  # frame id, outside the world area
+
+    class ByFrame:
+        """Predictions for the frames it is given, looked up by their id pixel."""
+
+        def __init__(self, predictions):
+            self.predictions = predictions
+
+        def predict(self, frames):
+            return self.predictions[(frames[:, 0, 63, 63] * 10).round().long().numpy()]
+
+    lost = labels.copy()
+    lost[2, 0, 0] = GRASS  # one of the dark frame's two trees lost
+    assert dark_frames(real).tolist() == [False, False, True]
+    split = retention_by_light(ByFrame(lost), real, real, labels)
+    assert split["light"] == {"frames": 2, "object_cells": 4, "object_retention": 1.0, "real_object_retention": 1.0}
+    assert split["dark"] == {"frames": 1, "object_cells": 2, "object_retention": 0.5, "real_object_retention": 0.5}
+    assert retention_by_light(ByFrame(lost), real[:2], real[:2], labels[:2])["dark"] == {"frames": 0, "object_cells": 0}
 
 
 def test_evaluate_reconstructions(classifier, heldout):

@@ -151,6 +151,29 @@ def test_cache_query_without_update_leaves_cache_unchanged():
     torch.testing.assert_close(model(x[:, 3:], cache=cache), full[:, 3:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("depth, time_every", [(4, 2), (3, 1), (5, 2)])
+def test_cache_only_pass_stores_the_same_keys_and_values(depth, time_every):
+    """A cache-only pass (the last time layer's attention and every later layer skipped) leaves
+    the cache exactly as a full pass does, so the next frames see the same context."""
+    model = tiny(depth=depth, time_every=time_every)
+    x = torch.randn(2, 5, 5, 32)
+    full_cache, lean_cache = KVCache(), KVCache()
+    model(x[:, :2], cache=full_cache)
+    assert model(x[:, :2], cache=lean_cache, cache_only=True) is None
+    for t in (2, 3):
+        model(x[:, t : t + 1], cache=full_cache)
+        model(x[:, t : t + 1], cache=lean_cache, cache_only=True)
+    assert lean_cache.length == full_cache.length == 4 and lean_cache.num_streams == full_cache.num_streams
+    for layer, (k, v) in full_cache.layers.items():
+        torch.testing.assert_close(lean_cache.layers[layer][0], k, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lean_cache.layers[layer][1], v, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(x[:, 4:], cache=lean_cache), model(x)[:, 4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cache_only"):
+        model(x[:, :1], cache_only=True)
+    with pytest.raises(ValueError, match="cache_only"):
+        model(x[:, :1], cache=lean_cache, update_cache=False, cache_only=True)
+
+
 def test_cache_rejects_a_different_batch():
     model = tiny()
     cache = KVCache()

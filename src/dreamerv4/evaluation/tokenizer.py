@@ -118,7 +118,7 @@ def evaluate_tokenizer(checkpoint: str | Path, data: str | Path, split: str = "v
     training-split frames of `fit_data` (default: the run's data.path). Returns the report, also written as
     JSON to `out` (default: eval.json next to the checkpoint) with a PNG beside it. Keys: checkpoint, data,
     split, frames, windows, seq_len, psnr, ssim, lpips, object_retention, cell_accuracy, object_cells,
-    real_object_retention, per_label, references {mean_training_frame, avg_pool_4x4: psnr, ssim, retention
+    real_object_retention, by_light, per_label, references {mean_training_frame, avg_pool_4x4: psnr, ssim, retention
     keys}, seconds. Raises CheckpointError / DataError (a UserError) for unusable inputs."""
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -174,6 +174,10 @@ def cmd_eval(args) -> int:
     print(f"{r['frames']} frames ({r['split']} split of {r['data']}): PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
           f"LPIPS {r['lpips']:.3f}, object retention {100 * r['object_retention']:.1f}% "
           f"(classifier on real frames {100 * r['real_object_retention']:.1f}%)")
+    for light, part in (r.get("by_light") or {}).items():
+        if part["frames"]:
+            print(f"  {light} frames: {part['frames']}, object cells {part['object_cells']}, retention "
+                  f"{100 * part['object_retention']:.1f}% (real {100 * part['real_object_retention']:.1f}%)")
     for name, ref in r["references"].items():
         print(f"  reference {name}: PSNR {ref['psnr']:.2f} dB, object retention {100 * ref['object_retention']:.1f}%")
     return 0

@@ -223,16 +223,18 @@ class DynamicsModel(nn.Module):
         d: torch.Tensor,
         cache: KVCache | None = None,
         update_cache: bool = True,
-    ) -> torch.Tensor:
+        cache_only: bool = False,
+    ) -> torch.Tensor | None:
         """f(z~, tau, d, a): predicted clean latents (B,T,L,C) float32 (x-prediction).
 
         noisy (B,T,L,C) at signal levels tau (B,T), step sizes d (B,T), prev_actions (B,T) the code of
         the action that led to each frame (`previous_actions`; NO_ACTION for none). With a `cache`
-        the frames come after the cached ones (see SpaceTimeTransformer.forward).
+        the frames come after the cached ones (see SpaceTimeTransformer.forward); `cache_only` only
+        appends them to the cache and returns None.
         """
         tokens = self.frame_tokens(noisy, prev_actions, tau, d)
-        hidden = self.transformer(tokens, cache=cache, update_cache=update_cache)
-        return self.latent_out(hidden[:, :, 2:]).float()
+        hidden = self.transformer(tokens, cache=cache, update_cache=update_cache, cache_only=cache_only)
+        return None if cache_only else self.latent_out(hidden[:, :, 2:]).float()
 
     def forward(
         self,
@@ -333,7 +335,7 @@ class Rollout:
                           cfg.context_signal_level)
         if self.cache is not None:
             tau, d = self._full(noisy, cfg.context_signal_level), self._full(noisy, cfg.d_min)
-            self.model.denoise(noisy, prev_actions, tau, d, cache=self.cache, update_cache=True)
+            self.model.denoise(noisy, prev_actions, tau, d, cache=self.cache, cache_only=True)
             return
         if self.context is None:
             self.context, self.context_prev_actions = noisy, prev_actions

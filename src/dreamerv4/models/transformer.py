@@ -449,6 +449,13 @@ class Attention(nn.Module):
         y = attention(q, k, v, causal=causal, mask=mask, soft_cap=self.soft_cap, bias=bias)
         return self.out(y.transpose(1, 2).reshape(n, length, -1)), (k, v)
 
+    def write_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], past: Callable[..., object]) -> None:
+        """Only the keys/values of x (N, L, D), handed to `past` (`KVCache.extend`); no attention."""
+        n, length, _ = x.shape
+        hq, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        k, v = F.linear(x, self.qkv.weight[hq * dh:]).split([hkv * dh, hkv * dh], dim=-1)
+        past(self._norm_rope(k.view(n, length, hkv, dh), self.k_norm, rope), v.view(n, length, hkv, dh).transpose(1, 2))
+
     @staticmethod
     def _norm_rope(x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """(N, L, H, Dh) -> apply_rope(norm(x)) as (N, H, L, Dh), via `_NormRope` with the gain in the tables."""
@@ -493,6 +500,12 @@ class Block(nn.Module):
         x = x + self.dropout(h)
         return x + self.dropout(self.ffn(self.ffn_norm(x))), kv
 
+    def write_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], past: Callable[..., object]) -> None:
+        """A time layer's keys/values of x (B, T, S, D) into the cache (`past` = KVCache.extend of
+        this layer), nothing else: all that the last time layer of a `cache_only` pass must do."""
+        b, t, s, d = x.shape
+        self.attn.write_kv(self.attn_norm(x).transpose(1, 2).reshape(b * s, t, d), rope, past)
+
 
 class KVCache:
     """Keys and values of the time layers for the frames processed so far (frame-by-frame inference).
@@ -503,10 +516,10 @@ class KVCache:
     `max_frames` after `crop`.
 
     Storage: per time layer a preallocated key buffer and value buffer (num_streams, Hkv, capacity,
-    Dh), zero-filled, regrown by a quarter (at least 16 frames) when full, so appending is amortised
+    Dh), zero-filled, regrown by an eighth (at least 16 frames) when full, so appending is amortised
     O(1) per frame. A call writes its new frames' keys/values right after the stored ones (`extend`)
     and attends over the whole buffer, the space after its last frame masked out: the batched
-    matmuls read a contiguous buffer fastest, and the masked space costs at most a quarter (or 16
+    matmuls read a contiguous buffer fastest, and the masked space costs at most an eighth (or 16
     frames) more reads. (At batch 64 and context 256 in bf16, attending over a prefix view of the
     buffer took 2.5x as long, and concatenating the context at every call 2.8x: attention_kernels
     in benchmarks/results/dynamics_generate.json.) Frames written by a call with
@@ -546,7 +559,7 @@ class KVCache:
         current = self._buffers.get(layer)
         if current is None or current[0].shape[2] < end or current[0].dtype != dtype or current[0].requires_grad or (
             current[0].shape[:2], current[0].shape[3]) != (k.shape[:2], k.shape[3]):
-            capacity = end + max(self.MIN_GROWTH, end // 4)
+            capacity = end + max(self.MIN_GROWTH, end // 8)
             # Zero-filled: the unused space is masked, but its values still enter the weights x
             # values product (as 0 x value), which must not meet uninitialised NaNs.
             new = [x.new_zeros(*x.shape[:2], capacity, x.shape[3], dtype=dtype) for x in (k, v)]
@@ -598,7 +611,8 @@ class SpaceTimeTransformer(nn.Module):
         cache: KVCache | None = None,
         update_cache: bool = True,
         space_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        cache_only: bool = False,
+    ) -> torch.Tensor | None:
         """x (B, T, S, D) -> (B, T, S, D).
 
         mask: optional boolean (S, S) for the space layers, True where token i may read token j.
@@ -609,6 +623,9 @@ class SpaceTimeTransformer(nn.Module):
             e.g. for intermediate denoising steps of one frame).
         space_bias: optional float (num_heads, S, S) added to the space layers' attention logits
             (0 for pairs involving registers), e.g. the tokenizer's 2D locality prior.
+        cache_only: only append the new frames' keys/values to `cache` and return None: the
+            layers after the last time layer, and that layer's attention, are skipped (their
+            output would be discarded), e.g. when a finished frame joins the context.
         """
         b, t, s, d = x.shape
         if d != self.cfg.embed_dim:
@@ -622,6 +639,8 @@ class SpaceTimeTransformer(nn.Module):
             if space_bias.shape != (self.cfg.num_heads, s, s):
                 raise ValueError(f"space_bias must be ({self.cfg.num_heads}, {s}, {s}), got {tuple(space_bias.shape)}")
             space_bias = F.pad(space_bias, (0, r, 0, r))
+        if cache_only and (cache is None or not update_cache):
+            raise ValueError("cache_only needs a cache and update_cache=True")
         if cache is not None and cache.num_streams not in (None, b * (s + r)):
             raise ValueError(f"cache holds {cache.num_streams} token streams (batch x tokens), input has {b * (s + r)}")
         x = torch.cat((x, self.registers.to(x.dtype).expand(b, t, r, d)), dim=2)
@@ -631,10 +650,14 @@ class SpaceTimeTransformer(nn.Module):
         time_rope = rope_tables(torch.arange(past_len, past_len + t, device=x.device), hd, base)
         # Not with a cache: a recomputed block would write its keys/values into the cache again.
         recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled() and cache is None
+        last_time_layer = max((i for i, block in enumerate(self.blocks) if block.attends_over_time), default=-1)
         for i, block in enumerate(self.blocks):
             rope, block_mask = (time_rope, None) if block.attends_over_time else (space_rope, mask)
             block_bias = None if block.attends_over_time else space_bias
             past = functools.partial(cache.extend, i) if cache is not None and block.attends_over_time else None
+            if cache_only and i == last_time_layer:
+                block.write_kv(x, rope, past)
+                break
             if recompute:
                 # Non-reentrant checkpointing replays dropout's RNG and autocast state, so the
                 # recomputed activations equal the stored ones would have. `block.forward`: a block
@@ -646,7 +669,7 @@ class SpaceTimeTransformer(nn.Module):
                 x, _ = (block if past is None else block.forward)(x, rope, block_mask, past, block_bias)
         if cache is not None and update_cache:
             cache.commit(t, b * (s + r))
-        return self.norm(x[:, :, :s])
+        return None if cache_only else self.norm(x[:, :, :s])
 
 
 def compile_blocks(model: nn.Module, dynamic: bool | None = False, mode: str | None = None) -> int:
