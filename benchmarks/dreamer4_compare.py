@@ -26,8 +26,10 @@ with bf16 = torch.autocast("cpu", bfloat16) around the loss. Per model:
   Theirs: DynamicsWorldModel(dim 256, depth 6, attn_heads 8, attn_dim_head 32, 16 latents x 32 as
   16 spatial tokens, 4 registers, K_max 64, 17 discrete actions) trained on latents with its
   forward loss (shortcut/flow loss plus its agent and action heads, as its training does).
-Frames/s = B x T per step, over process CPU seconds (and wall seconds); `warmup` untimed steps
-first. Writes benchmarks/results/dreamer4_compare.json (or --out).
+Ours tunes glibc malloc as its training does (training/loop.py `tune_malloc`, train.tune_malloc);
+--untuned-malloc measures ours without it, --tune-theirs-malloc gives the dreamer4 process the
+same settings. Frames/s = B x T per step, over process CPU seconds (and wall seconds); `warmup`
+untimed steps first. Writes benchmarks/results/dreamer4_compare.json (or --out).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "dreamer4_compare.json"
 WIDTH, DEPTH, HEADS, HEAD_DIM, TIME_EVERY, PATCH, IMAGE, LATENTS, LATENT_DIM, REGISTERS = 256, 6, 8, 32, 4, 8, 64, 16, 32, 4
 LR, GRAD_CLIP, NUM_ACTIONS = 3e-4, 1.0, 17
+# --tune-theirs-malloc: the settings of training/loop.tune_malloc, given to the dreamer4 process
+# through glibc's environment variables (that side never imports dreamerv4).
+GLIBC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +146,10 @@ def worker(args: argparse.Namespace) -> dict:
         from importlib.metadata import version
 
         out["dreamer4"] = version("dreamer4")
+    if side == "ours" and not args.untuned_malloc:
+        from dreamerv4.training.loop import tune_malloc
+
+        out["malloc_tuned"] = tune_malloc()  # as `train` does (train.tune_malloc)
     try:
         extra = {"compile": args.compile} if side == "ours" else {}
         model, step = STEPS[(side, model_name)](args.worker_precision, args.batch, args.frames, **extra)
@@ -170,7 +179,8 @@ def run_worker(python: str, side: str, model: str, precision: str, args: argpars
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     argv = [python, __file__, "--worker", f"{side}/{model}", "--worker-precision", precision, *sys.argv[1:]]
-    result = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limit_memory)
+    env = {**os.environ, **(GLIBC_TUNED_ENV if side == "theirs" and args.tune_theirs_malloc else {})}
+    result = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limit_memory, env=env)
     if result.returncode:
         tail = result.stderr.strip().splitlines()[-5:]
         if result.returncode < 0 or any("alloc" in line.lower() or "MemoryError" in line for line in tail):
@@ -198,6 +208,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true",
                         help="ours with torch.compile per transformer block (train.compile: true); give --warmup >= 1")
+    parser.add_argument("--untuned-malloc", action="store_true",
+                        help="ours with glibc's default malloc (training tunes it: train.tune_malloc)")
+    parser.add_argument("--tune-theirs-malloc", action="store_true",
+                        help="give the dreamer4 process the same glibc malloc settings (environment)")
     parser.add_argument("--memory-limit-gb", type=float, default=14.0, help="address-space limit per worker")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -1,13 +1,14 @@
 """Throughput, FLOP/s, matmul utilization and peak memory of one dynamics (shortcut forcing) training step on CPU.
 
     taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dynamics_train.py             # seed size, fp32 + bf16
-    ... --precisions bf16 --repeats 3 | --batch 4 --frames 8 | --checkpoint-activations | --compile
+    ... --precisions bf16 --repeats 3 | --batch 4 --frames 8 | --checkpoint-activations | --compile | --untuned-malloc
 
 One step is what `dreamerv4 train dynamics` does per update: `training/shortcut.py`'s
 shortcut_forcing_loss on clean latents (B,T,16,32) and actions (per-frame tau and d; the bootstrap
 frames' two teacher passes without gradient; single-frame rows), backward, gradient-norm clipping
 at 1.0 and an AdamW update with the loop's parameter groups (`training/loop.py` make_optimizer),
-zero_grad. bf16 = `torch.autocast("cpu", dtype=torch.bfloat16)` around the loss, as the loop does.
+zero_grad. bf16 = `torch.autocast("cpu", dtype=torch.bfloat16)` around the loss, as the loop does;
+malloc tuned as the loop does (`tune_malloc`) unless --untuned-malloc.
 Latents and actions are random; tau, d and the noise are drawn from a generator seeded per step,
 so every run times the same sequence of steps.
 
@@ -41,7 +42,7 @@ from tokenizer_step import machine, matmul_peak, summarize  # noqa: E402
 
 from dreamerv4.models.dynamics import DynamicsModel  # noqa: E402
 from dreamerv4.models.transformer import compile_blocks  # noqa: E402
-from dreamerv4.training.loop import TrainConfig, make_optimizer  # noqa: E402
+from dreamerv4.training.loop import TrainConfig, make_optimizer, tune_malloc  # noqa: E402
 from dreamerv4.training.shortcut import shortcut_forcing_loss  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "dynamics_train.json"
@@ -98,6 +99,8 @@ def count_flops(args: argparse.Namespace, precision: str) -> float:
 
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    if not args.untuned_malloc:
+        tune_malloc()  # as `train` does (train.tune_malloc)
     model = build(args.checkpoint_activations)
     step = make_step(model, args.worker, *make_batch(model, args.batch, args.frames))
     if args.compile:
@@ -142,6 +145,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-activations", action="store_true", help="TransformerConfig option")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every transformer block (models/transformer.py compile_blocks, TrainConfig.compile)")
+    parser.add_argument("--untuned-malloc", action="store_true",
+                        help="glibc's default malloc instead of training/loop.tune_malloc (what training does)")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=["fp32", "bf16"], help=argparse.SUPPRESS)

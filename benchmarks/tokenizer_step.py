@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py            # seed size, fp32 + bf16
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --precisions bf16 --repeats 4
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --batch 2 --profile   # where time goes
-    ... --checkpoint-activations | --malloc-tuned | --compile | --threads 2     # variants, see --help
+    ... --checkpoint-activations | --untuned-malloc | --compile | --threads 2   # variants, see --help
 
 One step is what `dreamerv4 train tokenizer` does per update (training/tokenizer.py + training/loop.py):
 forward at the configured mask rate (seed: 0.75), loss = RunningRMS-normalized MSE + 0.2 x
@@ -22,9 +22,10 @@ per second of wall-clock time: on this shared 2-core machine other processes tim
 (a 1024^3 bf16 matmul measured 220, 100 or 67 GFLOP/s of wall time depending on how many
 processes shared it, but a steady ~210 per CPU second), so CPU-time rates are the comparable
 ones and wall-clock rates say what a training run would have seen at that moment. System time
-(`step_sys_s`) is mostly page faults: glibc unmaps freed blocks over its mmap threshold and the
-next step faults them back in; `--malloc-tuned` (glibc keeps blocks up to 32 MB) and `--thp`
-(huge pages for larger ones) show the step with less of that.
+(`step_sys_s`) is mostly page faults: by default glibc unmaps freed blocks over its mmap threshold
+and the next step faults them back in. The worker tunes malloc as training does (training/loop.py
+`tune_malloc`: blocks up to 32 MB stay in the heap); `--untuned-malloc` measures glibc's default,
+`--thp` adds huge pages for the larger blocks.
 
 Model FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` (matmuls, batched matmuls,
 convolutions; forward and backward) on a one-sequence step of the same config, scaled by the
@@ -52,7 +53,7 @@ import torch
 
 from dreamerv4.models.tokenizer import Tokenizer, TokenizerConfig, patchify, unpatchify
 from dreamerv4.models.transformer import TransformerConfig, compile_blocks
-from dreamerv4.training.loop import TrainConfig, make_optimizer
+from dreamerv4.training.loop import TrainConfig, make_optimizer, tune_malloc
 from dreamerv4.training.loss_norm import RunningRMS
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer_step.json"
@@ -175,6 +176,8 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, seconds_per_size: float = 0
 
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    if not args.untuned_malloc:
+        tune_malloc()  # as `train` does (train.tune_malloc)
     precision = args.worker
     model, lpips = build(args)
     frames = torch.rand(args.batch, args.frames, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -204,10 +207,6 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-# glibc malloc: serve blocks up to 32 MB (its maximum) from the heap and never trim it, so the
-# activations freed after each backward are reused instead of being unmapped and page-faulted
-# back in (zeroed) during the next step. Read by glibc at process start, hence the environment.
-MALLOC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 # PyTorch's CPU allocator: 2 MB-aligned blocks with transparent huge pages (madvise), so a block
 # over glibc's 32 MB limit costs one fault per 2 MB instead of one per 4 KB page.
 THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
@@ -215,7 +214,7 @@ THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 def run_worker(args: argparse.Namespace, precision: str) -> dict:
     argv = [sys.executable, __file__, "--worker", precision, *sys.argv[1:]]
-    env = {**os.environ, **(MALLOC_TUNED_ENV if args.malloc_tuned else {}), **(THP_ENV if args.thp else {})}
+    env = {**os.environ, **(THP_ENV if args.thp else {})}
     result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode:
         raise SystemExit(f"{precision} worker failed:\n{result.stderr}")
@@ -326,7 +325,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-activations", action="store_true", help="TransformerConfig option")
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block (models/transformer.py compile_blocks, TrainConfig.compile)")
     parser.add_argument("--no-lpips", action="store_true", help="MSE only (the training's lpips_weight=0)")
-    parser.add_argument("--malloc-tuned", action="store_true", help=f"run the steps with {MALLOC_TUNED_ENV}")
+    parser.add_argument("--untuned-malloc", action="store_true",
+                        help="glibc's default malloc instead of training/loop.tune_malloc (what training does, train.tune_malloc)")
     parser.add_argument("--thp", action="store_true", help=f"run the steps with {THP_ENV}")
     parser.add_argument("--profile", action="store_true", help="op-time breakdown of one step instead")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
