@@ -21,16 +21,10 @@ class TokenizerStage:
     train: TrainConfig = field(default_factory=TrainConfig)
     lpips_weight: float = 0.2  # 0 switches the perceptual term off (explicitly, never silently)
     lpips_net: str = "alexnet"
-    # Each frame's squared error divided by (std of the frame's pixels + 0.01)^contrast_power, the
-    # weights rescaled to mean 1 per batch. 0 = plain MSE (paper). > 0 gives low-contrast frames
-    # (Crafter at night) the weight their objects need: their errors are small in pixel units.
-    contrast_power: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lpips_weight < 0:
             raise ValueError(f"tokenizer.lpips_weight must be >= 0, got {self.lpips_weight}")
-        if not 0.0 <= self.contrast_power <= 4.0:
-            raise ValueError(f"tokenizer.contrast_power must be in [0, 4], got {self.contrast_power}")
 
 
 @dataclass

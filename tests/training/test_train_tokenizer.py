@@ -33,7 +33,7 @@ from dreamerv4.evaluation.tokenizer import load_tokenizer
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import read_metrics
-from dreamerv4.training.tokenizer import contrast_weighted, train_tokenizer
+from dreamerv4.training.tokenizer import train_tokenizer
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 TIMING_KEYS = {"elapsed_min", "samples_per_s", "frames_per_s"}  # wall-clock figures differ between runs
@@ -183,29 +183,8 @@ def test_bf16_step_runs_and_updates_fp32_parameters(tiny_crafter_root, tmp_path)
     assert any(not torch.equal(trained[name], value) for name, value in initial.items())
 
 
-def test_contrast_weighted_mse_gives_low_contrast_frames_more_weight():
-    torch.manual_seed(0)
-    target = torch.rand(2, 3, 16, 48)
-    squared = torch.rand(2, 3, 16, 48)
-    assert contrast_weighted(squared, target, 0.0) == pytest.approx(squared.mean().item(), rel=1e-6)
-    same_contrast = target.clone()
-    same_contrast[1] = same_contrast[0]
-    same_contrast[:, 1:] = same_contrast[:, :1]  # every frame the same picture: equal weights
-    assert contrast_weighted(squared, same_contrast, 2.0) == pytest.approx(squared.mean().item(), rel=1e-5)
-    dark = target.clone()
-    dark[0, 0] *= 0.25  # frame (0, 0) has a quarter of the contrast of the others
-    error_there = torch.zeros_like(squared)
-    error_there[0, 0] = 1.0
-    # Weight of frame (0, 0) relative to the mean weight: > 1, growing with the power.
-    w1, w2 = contrast_weighted(error_there, dark, 1.0).item(), contrast_weighted(error_there, dark, 2.0).item()
-    assert 1 / 6 < w1 < w2 < 1.0  # 1/6 would be the plain mean (one frame of six)
-    frame_std = dark.flatten(2).std(-1)
-    weights = (frame_std + 0.01) ** -2.0
-    assert w2 == pytest.approx((weights[0, 0] / weights.mean()).item() / 6, rel=1e-5)
-
-
-def test_contrast_power_is_validated(tmp_path):
+def test_negative_lpips_weight_is_a_config_error(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"tokenizer": {"contrast_power": -1}}))
-    with pytest.raises(ConfigError, match="contrast_power"):
+    path.write_text(yaml.safe_dump({"tokenizer": {"lpips_weight": -0.2}}))
+    with pytest.raises(ConfigError, match="lpips_weight"):
         load_config(RunConfig, path)

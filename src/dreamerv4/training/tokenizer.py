@@ -3,8 +3,7 @@
     dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
 
 Loss (paper, design.md 3): MSE + lpips_weight * LPIPS on the full reconstructed frame, each term
-divided by a running estimate of its RMS so neither dominates by scale. `contrast_power` > 0 weights
-each frame's squared error by its contrast (see `contrast_weighted`); the logged `mse` stays plain. Writes to
+divided by a running estimate of its RMS so neither dominates by scale. Writes to
 `<out_dir>/tokenizer/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/, images/ (input | masked |
 reconstruction grids).
 
@@ -36,16 +35,6 @@ def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> to
     return unpatchify(patches, patch_size)
 
 
-def contrast_weighted(squared: torch.Tensor, target: torch.Tensor, power: float) -> torch.Tensor:
-    """Mean squared error with each frame weighted by (std of its target pixels + 0.01)^-power, the
-    weights normalized to mean 1 over the batch (`TokenizerStage.contrast_power`).
-    squared, target: (B, T, P, D) per-patch values of each frame."""
-    frame_std = target.detach().flatten(2).std(dim=-1)  # (B, T)
-    weight = (frame_std + 0.01).pow(-power)
-    weight = weight / weight.mean()
-    return (squared.flatten(2).mean(dim=-1) * weight).mean()
-
-
 def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     """Train cfg.tokenizer on the training split of cfg.data.path into <cfg.out_dir>/tokenizer (module doc);
     `resume` continues from its checkpoint exactly (model, optimizer, normalizers, RNG, data order)."""
@@ -69,9 +58,8 @@ def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         frames = batch["frames"]
         out = model(frames)
         target = patchify(frames, patch)
-        squared = (out["reconstructed"].float() - target).square()
-        mse = squared.mean()
-        loss = norms["mse"](contrast_weighted(squared, target, stage.contrast_power) if stage.contrast_power else mse)
+        mse = (out["reconstructed"].float() - target).square().mean()
+        loss = norms["mse"](mse)
         recon_loss = mse.detach()
         metrics = {"mse": mse.detach(), "psnr_masked_train": -10 * torch.log10(mse.detach().clamp_min(1e-10))}
         if lpips is not None:
