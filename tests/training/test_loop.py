@@ -510,5 +510,7 @@ def test_tune_malloc_stops_page_faulting_freed_blocks_in_again():
     result = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     default, tuned = map(float, result.stdout.split())
-    assert default > 1000  # glibc's default: the freed heap top is trimmed and faulted in again (4 KB pages)
-    assert tuned < 50
+    # glibc's default usually trims the freed heap top and faults it in again (~8000 4 KB pages a
+    # cycle here), but not always (it depends on the address-space layout), so only the tuned
+    # process is held to a bound.
+    assert tuned < 50 and tuned <= default
