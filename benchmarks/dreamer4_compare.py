@@ -50,9 +50,6 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "dreamer4_compare.json"
 WIDTH, DEPTH, HEADS, HEAD_DIM, TIME_EVERY, PATCH, IMAGE, LATENTS, LATENT_DIM, REGISTERS = 256, 6, 8, 32, 4, 8, 64, 16, 32, 4
 LR, GRAD_CLIP, NUM_ACTIONS = 3e-4, 1.0, 17
-# --tune-theirs-malloc: the settings of training/loop.tune_malloc, given to the dreamer4 process
-# through glibc's environment variables (that side never imports dreamerv4).
-GLIBC_TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +176,12 @@ def run_worker(python: str, side: str, model: str, precision: str, args: argpars
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     argv = [python, __file__, "--worker", f"{side}/{model}", "--worker-precision", precision, *sys.argv[1:]]
-    env = {**os.environ, **(GLIBC_TUNED_ENV if side == "theirs" and args.tune_theirs_malloc else {})}
+    env = dict(os.environ)
+    if side == "theirs" and args.tune_theirs_malloc:
+        # training/loop.tune_malloc's settings through glibc's environment (that side never imports dreamerv4)
+        from dreamerv4.training.loop import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
+
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MALLOC_TRIM_THRESHOLD))
     result = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limit_memory, env=env)
     if result.returncode:
         tail = result.stderr.strip().splitlines()[-5:]

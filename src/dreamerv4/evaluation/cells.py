@@ -195,16 +195,28 @@ def retention(classifier: CellClassifier, frames: np.ndarray | torch.Tensor, lab
     {name: {"accuracy", "count"}} for every label present.
     """
     y = _check_labels(labels, len(frames)).numpy()
-    correct = classifier.predict(frames) == y
+    return _scores(classifier.predict(frames), y)
+
+
+def _object_scores(predicted: np.ndarray, y: np.ndarray) -> tuple[int, float]:
+    """(object cells, object retention) of predicted labels against true labels y, both (N,7,9)."""
     is_object = ~np.isin(y, BACKGROUND_LABELS)
+    correct = predicted[is_object] == y[is_object]
+    return int(is_object.sum()), float(correct.mean()) if correct.size else float("nan")
+
+
+def _scores(predicted: np.ndarray, y: np.ndarray) -> dict:
+    """`retention`'s report from predicted labels."""
+    correct = predicted == y
     per_label = {}
     for label in np.unique(y):
         mask = y == label
         per_label[SEMANTIC_NAMES[label]] = {"accuracy": float(correct[mask].mean()), "count": int(mask.sum())}
+    object_cells, object_retention = _object_scores(predicted, y)
     return {
-        "object_retention": float(correct[is_object].mean()) if is_object.any() else float("nan"),
+        "object_retention": object_retention,
         "cell_accuracy": float(correct.mean()) if correct.size else float("nan"),
-        "object_cells": int(is_object.sum()),
+        "object_cells": object_cells,
         "per_label": per_label,
     }
 
@@ -224,17 +236,20 @@ def dark_frames(images: torch.Tensor) -> np.ndarray:
 def retention_by_light(classifier: CellClassifier, real: torch.Tensor, recon: torch.Tensor, labels: np.ndarray) -> dict:
     """Object retention of `recon` on the light and on the dark (`dark_frames` of `real`) frames:
     {"light"|"dark": {"frames", "object_cells", "object_retention", "real_object_retention"}}."""
-    dark = dark_frames(real)
+    y = _check_labels(labels, len(real)).numpy()
+    return _by_light(classifier.predict(recon), classifier.predict(real), y, dark_frames(real))
+
+
+def _by_light(predicted: np.ndarray, predicted_real: np.ndarray, y: np.ndarray, dark: np.ndarray) -> dict:
     out = {}
     for name, pick in (("light", ~dark), ("dark", dark)):
-        index = torch.from_numpy(np.flatnonzero(pick))
-        if len(index) == 0:
+        frames = int(pick.sum())
+        if frames == 0:
             out[name] = {"frames": 0, "object_cells": 0}
             continue
-        part = retention(classifier, recon[index], labels[pick])
-        out[name] = {"frames": int(len(index)), "object_cells": part["object_cells"],
-                     "object_retention": part["object_retention"],
-                     "real_object_retention": retention(classifier, real[index], labels[pick])["object_retention"]}
+        object_cells, object_retention = _object_scores(predicted[pick], y[pick])
+        out[name] = {"frames": frames, "object_cells": object_cells, "object_retention": object_retention,
+                     "real_object_retention": _object_scores(predicted_real[pick], y[pick])[1]}
     return out
 
 
@@ -260,9 +275,11 @@ def evaluate_reconstructions(real: torch.Tensor, recon: torch.Tensor, labels: np
     if lpips_model is not None:
         result["lpips"] = float(torch.cat([lpips_model(a, b) for a, b in chunks]).mean())
     if classifier is not None and labels is not None:
-        result.update(retention(classifier, recon, labels))
-        result["real_object_retention"] = retention(classifier, real, labels)["object_retention"]
-        result["by_light"] = retention_by_light(classifier, real, recon, np.asarray(labels))
+        y = _check_labels(labels, len(real)).numpy()
+        predicted, predicted_real = classifier.predict(recon), classifier.predict(real)  # once each
+        result.update(_scores(predicted, y))
+        result["real_object_retention"] = _object_scores(predicted_real, y)[1]
+        result["by_light"] = _by_light(predicted, predicted_real, y, dark_frames(real))
     return result
 
 

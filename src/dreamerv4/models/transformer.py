@@ -433,11 +433,8 @@ class Attention(nn.Module):
         n, length, _ = x.shape
         hq, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([hq * dh, hkv * dh, hkv * dh], dim=-1)  # backward: one concatenation
-        q = q.view(n, length, hq, dh)
-        k = k.view(n, length, hkv, dh)
-        v = v.view(n, length, hkv, dh).transpose(1, 2)
-        q = self._norm_rope(q, self.q_norm, rope)
-        k = self._norm_rope(k, self.k_norm, rope)
+        q = self._norm_rope(q.view(n, length, hq, dh), self.q_norm, rope)
+        k, v = self._kv_heads(k, v, rope)
         if callable(past):
             k, v, frames = past(k, v)
             if frames < k.shape[2]:  # causal over the filled frames, blind to the buffer space after them
@@ -451,10 +448,15 @@ class Attention(nn.Module):
 
     def write_kv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], past: Callable[..., object]) -> None:
         """Only the keys/values of x (N, L, D), handed to `past` (`KVCache.extend`); no attention."""
-        n, length, _ = x.shape
-        hq, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        k, v = F.linear(x, self.qkv.weight[hq * dh:]).split([hkv * dh, hkv * dh], dim=-1)
-        past(self._norm_rope(k.view(n, length, hkv, dh), self.k_norm, rope), v.view(n, length, hkv, dh).transpose(1, 2))
+        kv_width = self.num_kv_heads * self.head_dim
+        k, v = F.linear(x, self.qkv.weight[self.num_heads * self.head_dim:]).split([kv_width, kv_width], dim=-1)
+        past(*self._kv_heads(k, v, rope))
+
+    def _kv_heads(self, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values (N, L, Hkv * Dh) -> QKNorm + RoPE keys and values, both (N, Hkv, L, Dh)."""
+        n, length = k.shape[:2]
+        k = self._norm_rope(k.view(n, length, self.num_kv_heads, self.head_dim), self.k_norm, rope)
+        return k, v.view(n, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     @staticmethod
     def _norm_rope(x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -598,6 +600,8 @@ class SpaceTimeTransformer(nn.Module):
         self.cfg = cfg
         self.registers = nn.Parameter(torch.randn(cfg.num_registers, cfg.embed_dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_time_layer(i)) for i in range(cfg.depth))
+        # Where a cache-only pass stops (-1: no time layer, nothing to cache).
+        self.last_time_layer = max((i for i in range(cfg.depth) if cfg.is_time_layer(i)), default=-1)
         self.norm = RMSNorm(cfg.embed_dim)
         self.apply(_init_linear)
         for block in self.blocks:  # GPT-2 style: shrink the residual branches' last projections
@@ -650,12 +654,11 @@ class SpaceTimeTransformer(nn.Module):
         time_rope = rope_tables(torch.arange(past_len, past_len + t, device=x.device), hd, base)
         # Not with a cache: a recomputed block would write its keys/values into the cache again.
         recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled() and cache is None
-        last_time_layer = max((i for i, block in enumerate(self.blocks) if block.attends_over_time), default=-1)
         for i, block in enumerate(self.blocks):
             rope, block_mask = (time_rope, None) if block.attends_over_time else (space_rope, mask)
             block_bias = None if block.attends_over_time else space_bias
             past = functools.partial(cache.extend, i) if cache is not None and block.attends_over_time else None
-            if cache_only and i == last_time_layer:
+            if cache_only and i == self.last_time_layer:
                 block.write_kv(x, rope, past)
                 break
             if recompute:

@@ -146,6 +146,11 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
+# What `tune_malloc` sets: glibc's largest allowed mmap threshold, and a heap-trim threshold no
+# step reaches. (glibc also reads them from MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_.)
+MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, (1 << 31) - 1
+
+
 def tune_malloc() -> bool:
     """Make glibc malloc serve the training step's large, short-lived buffers from the heap.
 
@@ -162,7 +167,7 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
 
 
 class TrainingDivergedError(UserError):
