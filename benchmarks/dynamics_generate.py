@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -198,12 +199,18 @@ def main() -> None:
     parser.add_argument("--no-uncached", action="store_true")
     parser.add_argument("--kernels-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kv-heads", type=int, default=0,
+                        help="key/value heads of every attention layer (grouped-query attention, as in the "
+                             "paper); 0: the config's (the seed: 8, one per query head)")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     cfg, source = seed_dynamics_config()
+    if args.kv_heads:
+        cfg = dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, num_kv_heads=args.kv_heads))
+        source += f"; num_kv_heads={args.kv_heads} (--kv-heads)"
     precisions = [p for p in args.precisions if p == "fp32" or cpu_supports_bf16()]
     run: dict = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
