@@ -157,6 +157,7 @@ def attention_kernels(cfg: DynamicsConfig, batch: int, contexts: list[int], prec
             k_past, v_past = k[:, :, :-1].contiguous(), v[:, :, :-1].contiguous()
             k_new, v_new = k[:, :, -1:].contiguous(), v[:, :, -1:].contiguous()
             kc, vc = k.contiguous(), v.contiguous()
+            q_grouped = q.reshape(streams, t.num_kv_heads, heads // t.num_kv_heads, dh)
             mask = F.pad(_allowed(1, length, True, None, q.device), (0, capacity - length), value=False)
             scale = 1.0 / math.sqrt(dh)
             candidates = {
@@ -165,9 +166,12 @@ def attention_kernels(cfg: DynamicsConfig, batch: int, contexts: list[int], prec
                 "strided_prefix_view": lambda: transformer_module.attention(q, k, v, causal=True, soft_cap=cap),
                 "concatenate_then_attend": lambda: transformer_module.attention(
                     q, torch.cat((k_past, k_new), 2), torch.cat((v_past, v_new), 2), causal=True, soft_cap=cap),
+                # query heads sharing a key/value head folded into the query axis (grouped-query attention)
                 "explicit_ops": lambda: torch.matmul(torch.softmax(
-                    cap * torch.tanh(torch.matmul(q * scale, kc.transpose(-1, -2)).float() / cap), dim=-1).to(dtype), vc),
-                "sdpa_without_soft_cap": lambda: F.scaled_dot_product_attention(q, kc, vc, scale=scale),
+                    cap * torch.tanh(torch.matmul(q_grouped * scale, kc.transpose(-1, -2)).float() / cap), dim=-1
+                ).to(dtype), vc).view(q.shape),
+                "sdpa_without_soft_cap": lambda: F.scaled_dot_product_attention(
+                    q, kc, vc, scale=scale, enable_gqa=t.num_kv_heads < heads),
             }
             row = {}
             with torch.no_grad():
