@@ -3,6 +3,7 @@
     taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dynamics_generate.py    # 11 min wall here, core shared
     ... --precisions bf16 --batches 64 --contexts 16 256 --no-uncached     # one corner, quicker
     ... --kernels-only                                                      # attention kernels at cached shapes
+    ... --kv-heads 2                                                         # grouped-query variant (paper), 2 key/value heads
 
 What is timed is what imagination does per frame (models/dynamics.py `Rollout.step`): `imagine`
 (K = 4 shortcut steps, each one transformer pass over the new frame after the context) followed by
