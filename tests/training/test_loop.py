@@ -514,3 +514,20 @@ def test_tune_malloc_stops_page_faulting_freed_blocks_in_again():
     # cycle here), but not always (it depends on the address-space layout), so only the tuned
     # process is held to a bound.
     assert tuned < 50 and tuned <= default
+
+
+@pytest.mark.parametrize("has_compiler", [True, False])
+def test_compile_falls_back_to_eager_without_a_cpp_compiler(tmp_path, monkeypatch, capsys, has_compiler):
+    from dreamerv4.models import transformer
+
+    calls = []
+    monkeypatch.setattr(transformer, "compile_blocks", lambda model: calls.append(model) or 0)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(loop.shutil, "which", lambda name: f"/usr/bin/{name}" if has_compiler else None)
+    assert loop.cpp_compiler() == ("/usr/bin/g++" if has_compiler else None)
+    summary, _, _ = run_toy(tmp_path / "run", base_cfg(steps=3, compile=True))
+    assert summary.done and summary.step == 3
+    warned = "train.compile needs a C++ compiler" in capsys.readouterr().err
+    assert len(calls) == (1 if has_compiler else 0) and warned == (not has_compiler)
+    monkeypatch.setenv("CXX", "my-cxx")
+    assert loop.cpp_compiler() == ("/usr/bin/my-cxx" if has_compiler else None)

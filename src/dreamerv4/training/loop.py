@@ -75,6 +75,8 @@ import contextlib
 import ctypes
 import dataclasses
 import math
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -197,6 +199,15 @@ class TrainSummary:
 
 # ---------------------------------------------------------------------------------------------
 # Devices, precision, schedule, optimizer
+
+
+CPP_COMPILERS = ("g++", "c++", "clang++")  # what torch inductor looks for on CPU, after $CXX
+
+
+def cpp_compiler() -> str | None:
+    """Path of the C++ compiler torch.compile would build CPU kernels with, or None."""
+    names = ([os.environ["CXX"]] if os.environ.get("CXX") else []) + list(CPP_COMPILERS)
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -557,7 +568,11 @@ def _train(
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     model.to(device).train()
-    if cfg.compile:
+    if cfg.compile and device.type == "cpu" and cpp_compiler() is None:
+        print(f"{run_dir}: train.compile needs a C++ compiler on CPU (torch inductor; none of $CXX, "
+              f"{', '.join(CPP_COMPILERS)} found): training eagerly. Install one (e.g. g++) or set "
+              "train.compile=false to silence this.", file=sys.stderr)
+    elif cfg.compile:
         from dreamerv4.models.transformer import compile_blocks
 
         compile_blocks(model)
