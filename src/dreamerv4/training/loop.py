@@ -568,14 +568,15 @@ def _train(
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     model.to(device).train()
-    if cfg.compile and device.type == "cpu" and cpp_compiler() is None:
-        print(f"{run_dir}: train.compile needs a C++ compiler on CPU (torch inductor; none of $CXX, "
-              f"{', '.join(CPP_COMPILERS)} found): training eagerly. Install one (e.g. g++) or set "
-              "train.compile=false to silence this.", file=sys.stderr)
-    elif cfg.compile:
+    if cfg.compile:
         from dreamerv4.models.transformer import compile_blocks
 
-        compile_blocks(model)
+        if device.type == "cpu" and cpp_compiler() is None:
+            print(f"{run_dir}: train.compile needs a C++ compiler on CPU (torch inductor; none of $CXX, "
+                  f"{', '.join(CPP_COMPILERS)} found): training eagerly. Install one (e.g. g++) or set "
+                  "train.compile=false to silence this.", file=sys.stderr)
+        else:
+            compile_blocks(model)
     for obj in extra_state.values():
         if isinstance(obj, nn.Module):
             obj.to(device)
