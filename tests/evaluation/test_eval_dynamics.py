@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,9 +22,12 @@ from PIL import Image, ImageSequence
 from dreamerv4.checkpoint import save_checkpoint
 from dreamerv4.cli import main
 from dreamerv4.config import from_dict, load_config, to_dict
+from dreamerv4.data.crafter_layout import SEMANTIC_NAMES
 from dreamerv4.data.episodes import load_frames
 from dreamerv4.data.latents import frames_to_float, tokenize_dataset
-from dreamerv4.evaluation.dynamics import HORIZONS, METHODS, PSNR_CAP, evaluate_dynamics, imagine
+from dreamerv4.evaluation.dynamics import (
+    BASELINES, HORIZONS, METHODS, PSNR_CAP, evaluate_dynamics, imagine, paired_difference,
+)
 from dreamerv4.training.dynamics import load_dynamics
 from dreamerv4.evaluation.metrics import psnr
 from dreamerv4.models.tokenizer import Tokenizer
@@ -92,11 +96,63 @@ def test_copy_baseline_matches_an_independent_computation(report, tiny_crafter_r
     assert report["result"]["results"]["copy_last_frame"]["8"]["psnr"] == pytest.approx(float(expected), abs=1e-4)
 
 
+def test_comparisons_pair_the_model_with_every_baseline(report):
+    result = report["result"]
+    assert set(result["comparisons"]) == set(BASELINES)
+    for base in BASELINES:
+        for h in map(str, HORIZONS):
+            d = result["comparisons"][base][h]
+            model, other = result["results"]["model"][h], result["results"][base][h]
+            # Means are linear: the paired PSNR difference is the difference of the reported means ...
+            assert d["psnr_diff"] == pytest.approx(model["psnr"] - other["psnr"], abs=1e-4)
+            assert d["retention_diff"] == pytest.approx(model["object_retention"] - other["object_retention"], abs=1e-6)
+            # ... and lies inside its own interval.
+            assert d["psnr_diff_ci95"][0] <= d["psnr_diff"] + 1e-9 and d["psnr_diff"] <= d["psnr_diff_ci95"][1] + 1e-9
+
+
+class _FixedClassifier:
+    """Stands in for the cell classifier: returns the labels it was given for each frame batch."""
+
+    def __init__(self, answers: dict[int, np.ndarray]):
+        self.answers = answers
+
+    def predict(self, frames: torch.Tensor) -> np.ndarray:
+        return self.answers[id(frames)]
+
+
+def test_paired_difference_on_hand_made_frames():
+    real = torch.full((4, 3, 64, 64), 0.5)
+    close = real + 0.01  # 40 dB
+    far = real + 0.1  # 20 dB
+    same = paired_difference(real, close, close.clone(), None, None)
+    assert same["psnr_diff"] == 0 and same["psnr_diff_ci95"] == [0, 0] and "retention_diff" not in same
+    d = paired_difference(real, close, far, None, None)
+    assert d["psnr_diff"] == pytest.approx(20.0, abs=1e-3) and d["psnr_diff_ci95"] == pytest.approx([20.0, 20.0], abs=1e-3)
+
+    # Retention: every frame has 10 tree cells; the model keeps 8 of them in every frame, the baseline
+    # 8 in two frames and 0 in the other two: +4 of 10 cells on average, and the interval is not a point.
+    tree, grass = SEMANTIC_NAMES.index("tree"), SEMANTIC_NAMES.index("grass")
+    labels = np.full((4, 7, 9), grass, np.uint8)
+    labels[:, 0, :9] = tree
+    labels[:, 1, :1] = tree
+    model_says, base_says = labels.copy(), labels.copy()
+    model_says[:, 0, :2] = grass
+    base_says[:2, 0, :2] = grass
+    base_says[2:, 0, :9] = grass
+    base_says[2:, 1, :1] = grass
+    clf = _FixedClassifier({id(close): model_says, id(far): base_says})
+    d = paired_difference(real, close, far, labels, clf, resamples=500)
+    assert d["retention_diff"] == pytest.approx(16 / 40)
+    lo, hi = d["retention_diff_ci95"]
+    assert 0 <= lo < 16 / 40 < hi <= 0.8
+
+
 def test_results_are_reproducible(report, checkpoint, tiny_crafter_root, tmp_path):
     again = evaluate_dynamics(checkpoint, tiny_crafter_root, out=tmp_path / "again.json", context=CONTEXT,
                               fit_data=tiny_crafter_root, **FIT)
     assert again["results"] == report["result"]["results"]
     assert again["psnr_curve"] == report["result"]["psnr_curve"]
+    assert again["comparisons"] == report["result"]["comparisons"]
 
 
 def test_video_shows_context_and_imagined_frames(report):

@@ -20,8 +20,11 @@ not grass/sand/path; `cell_accuracy` on all cells). The same for:
                             (windows paired with the one half the list away): does it use actions?
   tokenizer_reconstruction  the real future latents decoded: the ceiling the tokenizer allows
 `real` gives the classifier's retention on the real frames (its own ceiling). `psnr_curve` has the
-PSNR of every horizon 1..15 per method. A GIF/MP4 beside the JSON shows a few windows: real |
-imagined | imagined with shuffled actions (green border: context, red: imagined).
+PSNR of every horizon 1..15 per method. `comparisons` pairs the model with each baseline on the same
+windows: the mean per-frame PSNR difference and the object-retention difference (model minus
+baseline) with 95% bootstrap intervals over the windows, so "beats" can be read with its noise.
+A GIF/MP4 beside the JSON shows a few windows: real | imagined | imagined with shuffled actions
+(green border: context, red: imagined).
 The cell classifier is fitted on the training frames (`--fit-data`, default the run's data.path)
 and cached next to the tokenizer checkpoint, shared with `eval tokenizer`.
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreamerv4.data.crafter_layout import BACKGROUND_LABELS
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import load_frames, load_observations
 from dreamerv4.data.latents import decode_latents, encode_episode, frames_to_float, tokenizer_fingerprint
@@ -49,6 +53,8 @@ from dreamerv4.training.dynamics import load_dynamics
 HORIZONS = (1, 4, 8, 15)
 PSNR_CAP = 50.0
 METHODS = ("model", "copy_last_frame", "copy_last_latent", "shuffled_actions", "tokenizer_reconstruction", "real")
+BASELINES = ("copy_last_frame", "copy_last_latent", "shuffled_actions")  # what the model is compared with
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def frame_scores(real: torch.Tensor, pred: torch.Tensor, labels: np.ndarray | None, classifier) -> dict:
@@ -61,6 +67,33 @@ def frame_scores(real: torch.Tensor, pred: torch.Tensor, labels: np.ndarray | No
         r = retention(classifier, pred, labels)
         result.update(object_retention=r["object_retention"], cell_accuracy=r["cell_accuracy"],
                       object_cells=r["object_cells"])
+    return result
+
+
+def paired_difference(real: torch.Tensor, pred: torch.Tensor, base: torch.Tensor, labels: np.ndarray | None,
+                      classifier, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Model minus baseline on the same frames (N,3,64,64), one frame per window: mean per-frame PSNR
+    difference (both capped as in `frame_scores`) and, with labels and a classifier, the object-retention
+    difference in points of accuracy; each with a 95% percentile-bootstrap interval over the N windows
+    (the windows are resampled together, so the pairing is kept)."""
+    diff = (psnr(real, pred).clamp(max=PSNR_CAP) - psnr(real, base).clamp(max=PSNR_CAP)).double().numpy()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(diff), size=(resamples, len(diff)))
+    boot = diff[picks].mean(axis=1)
+    result = {"psnr_diff": float(diff.mean()), "psnr_diff_ci95": [float(np.quantile(boot, 0.025)),
+                                                                 float(np.quantile(boot, 0.975))]}
+    if classifier is not None and labels is not None:
+        is_object = ~np.isin(labels, BACKGROUND_LABELS)
+
+        def kept(frames: torch.Tensor) -> np.ndarray:  # object cells classified right, per frame
+            return ((classifier.predict(frames) == labels) & is_object).sum(axis=(1, 2))
+
+        gained = (kept(pred) - kept(base)).astype(np.float64)
+        cells = is_object.sum(axis=(1, 2)).astype(np.float64)
+        if cells.sum() > 0:
+            boot = gained[picks].sum(axis=1) / np.maximum(cells[picks].sum(axis=1), 1)
+            result["retention_diff"] = float(gained.sum() / cells.sum())
+            result["retention_diff_ci95"] = [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
     return result
 
 
@@ -182,6 +215,10 @@ def evaluate_dynamics(checkpoint: str | Path, data: str | Path, out: str | Path 
         target_labels = label_arr[:, context + h - 1] if with_cells else None
         for method in METHODS:
             results[method][str(h)] = frame_scores(target, future[method][:, h - 1], target_labels, classifier)
+    comparisons = {base: {str(h): paired_difference(
+        real[:, context + h - 1], future["model"][:, h - 1], future[base][:, h - 1],
+        label_arr[:, context + h - 1] if with_cells else None, classifier, seed=seed) for h in horizons}
+        for base in BASELINES}
     curve = {method: [float(psnr(real[:, context + h], future[method][:, h]).clamp(max=PSNR_CAP).mean())
                       for h in range(horizon)] for method in METHODS if method != "real"}
 
@@ -215,6 +252,7 @@ def evaluate_dynamics(checkpoint: str | Path, data: str | Path, out: str | Path 
         "seed": seed,
         "psnr_cap": PSNR_CAP,
         "results": results,
+        "comparisons": comparisons,
         "psnr_curve": curve,
         "video": video,
         "seconds": round(time.perf_counter() - started, 1),
@@ -232,6 +270,17 @@ def format_report(report: dict) -> str:
             ret = m.get("object_retention")
             cells.append(f"h{h} {m['psnr']:.2f} dB" + (f" {100 * ret:.1f}%" if ret is not None and ret == ret else ""))
         lines.append(f"  {method:<25} " + " | ".join(cells))
+    lines.append("model minus baseline, mean [95% bootstrap interval over windows]: PSNR dB, retention points")
+    for base, by_h in report.get("comparisons", {}).items():
+        cells = []
+        for h, d in by_h.items():
+            lo, hi = d["psnr_diff_ci95"]
+            cell = f"h{h} {d['psnr_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            if d.get("retention_diff") is not None:
+                lo, hi = d["retention_diff_ci95"]
+                cell += f" {100 * d['retention_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            cells.append(cell)
+        lines.append(f"  - {base:<23} " + " | ".join(cells))
     return "\n".join(lines)
 
 
