@@ -21,10 +21,15 @@ class TokenizerStage:
     train: TrainConfig = field(default_factory=TrainConfig)
     lpips_weight: float = 0.2  # 0 switches the perceptual term off (explicitly, never silently)
     lpips_net: str = "alexnet"
+    # Training windows whose first frame is dark (Crafter's night or sleep view: `dark_frames`) are
+    # drawn this many times as often as the others (1: the data as recorded).
+    dark_repeat: int = 1
 
     def __post_init__(self) -> None:
         if self.lpips_weight < 0:
             raise ValueError(f"tokenizer.lpips_weight must be >= 0, got {self.lpips_weight}")
+        if self.dark_repeat < 1:
+            raise ValueError(f"tokenizer.dark_repeat must be >= 1, got {self.dark_repeat}")
 
 
 @dataclass

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreamerv4.data.dataset import DataConfig, MineRLDataset, SequenceDataset, make_dataloader, validation_mask
+from dreamerv4.data.dataset import (
+    DataConfig, MineRLDataset, RepeatedWindows, SequenceDataset, make_dataloader, validation_mask,
+)
 from dreamerv4.data.episodes import find_episodes, load_actions, load_frames, load_rewards, write_episode
 from dreamerv4.errors import DataError
 
@@ -131,3 +133,18 @@ def test_from_config(tiny_crafter_root):
     cfg = DataConfig(path=str(tiny_crafter_root), stride=4, val_fraction=0.0)
     ds = SequenceDataset.from_config(cfg, seq_len=8, split="train")
     assert len(ds.episodes) == len(find_episodes(tiny_crafter_root)) and len(ds) == 3 * 9
+
+
+def test_repeated_windows_lists_each_window_its_number_of_times(tiny_crafter_root):
+    ds = SequenceDataset(tiny_crafter_root, seq_len=4, stride=8)
+    repeats = np.ones(len(ds), np.int64)
+    repeats[[1, 3]] = [3, 2]
+    rep = RepeatedWindows(ds, repeats)
+    assert len(rep) == len(ds) + 3
+    drawn = [ds.window(int(i)) for i in rep.index]
+    assert drawn[: len(ds)] == [ds.window(i) for i in range(len(ds))]  # every window once, in order, first
+    assert drawn.count(ds.window(1)) == 3 and drawn.count(ds.window(3)) == 2 and drawn.count(ds.window(0)) == 1
+    assert torch.equal(rep[len(ds)]["frames"], ds[1]["frames"])
+    for bad in (np.ones(len(ds) - 1, np.int64), np.zeros(len(ds), np.int64), np.ones(len(ds))):
+        with pytest.raises(ValueError, match="repeats must be"):
+            RepeatedWindows(ds, bad)

@@ -33,7 +33,8 @@ from dreamerv4.evaluation.tokenizer import load_tokenizer
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import read_metrics
-from dreamerv4.training.tokenizer import train_tokenizer
+from dreamerv4.data.episodes import write_episode
+from dreamerv4.training.tokenizer import dark_window_repeats, train_tokenizer
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 TIMING_KEYS = {"elapsed_min", "samples_per_s", "frames_per_s"}  # wall-clock figures differ between runs
@@ -188,3 +189,18 @@ def test_negative_lpips_weight_is_a_config_error(tmp_path):
     path.write_text(yaml.safe_dump({"tokenizer": {"lpips_weight": -0.2}}))
     with pytest.raises(ConfigError, match="lpips_weight"):
         load_config(RunConfig, path)
+
+
+def test_dark_windows_are_repeated(tmp_path):
+    # One episode: 12 saturated day frames, then 12 grey (desaturated, as at night) ones.
+    rng = np.random.default_rng(0)
+    day = np.zeros((12, 64, 64, 3), np.uint8)
+    day[..., 1] = rng.integers(150, 255, (12, 64, 64))  # green: saturation ~0.8
+    night = np.repeat(rng.integers(20, 80, (12, 64, 64, 1), dtype=np.uint8), 3, axis=-1)
+    write_episode(tmp_path / "data" / "episode_00000", np.concatenate([day, night]),
+                  {"action": np.zeros(24, np.int64)}, np.zeros(24, np.float32))
+    data = SequenceDataset(tmp_path / "data", seq_len=1, stride=4)
+    assert [data.window(i)[1] for i in range(len(data))] == [0, 4, 8, 12, 16, 20, 23]
+    assert dark_window_repeats(data, 3, chunk=2).tolist() == [1, 1, 1, 3, 3, 3, 3]
+    with pytest.raises(ConfigError, match="dark_repeat must be >= 1"):
+        load_config(RunConfig, None, ["tokenizer.dark_repeat=0"])

@@ -203,6 +203,25 @@ class SequenceDataset(Dataset):
 MineRLDataset = SequenceDataset  # the seed's name for it
 
 
+class RepeatedWindows(Dataset):
+    """`dataset` with window i listed repeats[i] >= 1 times (0..len-1 in order, then the extra copies),
+    so a uniform sampler over this index draws it repeats[i] times as often as a window listed once."""
+
+    def __init__(self, dataset: Dataset, repeats: np.ndarray):
+        repeats = np.asarray(repeats)
+        if repeats.shape != (len(dataset),) or not np.issubdtype(repeats.dtype, np.integer) or (repeats < 1).any():
+            raise ValueError(f"repeats must be {len(dataset)} integers >= 1, got shape {repeats.shape} {repeats.dtype}")
+        self.dataset = dataset
+        n = len(dataset)
+        self.index = np.concatenate([np.arange(n), np.repeat(np.arange(n), repeats - 1)])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.dataset[int(self.index[index])]
+
+
 def collate_windows(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack items into a batch. In the main process the stacking runs in numpy: torch.stack's thread
     pool took 250 ms per batch instead of 3 ms here when other jobs kept both cores busy. Workers run

@@ -7,6 +7,10 @@ divided by a running estimate of its RMS so neither dominates by scale. Writes t
 `<out_dir>/tokenizer/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/, images/ (input | masked |
 reconstruction grids).
 
+`tokenizer.dark_repeat` N > 1 draws the training windows whose first frame is dark (Crafter's
+night or sleep view, `evaluation.cells.dark_frames`) N times as often: a quarter of the recorded
+frames, where objects differ from grass by a few grey levels.
+
 Logged metrics: `loss` is the optimized, RMS-normalized total (it drifts towards 1 as training
 settles, so it does not show progress); `recon_loss` = mse + lpips_weight * lpips before
 normalization, `mse`, `lpips` and `psnr_masked_train` (PSNR of the whole frame reconstructed from
@@ -15,12 +19,14 @@ the masked input) do.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dreamerv4.config import load_config, to_dict
-from dreamerv4.data.dataset import SequenceDataset, collate_windows
+from dreamerv4.data.dataset import RepeatedWindows, SequenceDataset, collate_windows
 from dreamerv4.models.tokenizer import Tokenizer, patchify, unpatchify
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import image_grid
@@ -35,6 +41,15 @@ def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> to
     return unpatchify(patches, patch_size)
 
 
+def dark_window_repeats(data: SequenceDataset, repeat: int, chunk: int = 1024) -> np.ndarray:
+    """Per window of `data`: `repeat` where its first frame is dark (night or sleep, `dark_frames`), else 1."""
+    from dreamerv4.evaluation.cells import dark_frames
+
+    dark = [dark_frames(torch.stack([data[i]["frames"][0] for i in range(start, min(start + chunk, len(data)))]))
+            for start in range(0, len(data), chunk)]
+    return np.where(np.concatenate(dark), repeat, 1)
+
+
 def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     """Train cfg.tokenizer on the training split of cfg.data.path into <cfg.out_dir>/tokenizer (module doc);
     `resume` continues from its checkpoint exactly (model, optimizer, normalizers, RNG, data order)."""
@@ -43,6 +58,12 @@ def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         cfg.data.path, seq_len=stage.train.seq_len, stride=cfg.data.stride, split="train",
         val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed, action_space=cfg.data.action_space,
     )
+    if stage.dark_repeat > 1:
+        repeats = dark_window_repeats(data, stage.dark_repeat)
+        dark = int((repeats > 1).sum())
+        data = RepeatedWindows(data, repeats)
+        print(f"tokenizer: {dark} of {len(repeats)} training windows are dark, drawn {stage.dark_repeat}x "
+              f"as often ({stage.dark_repeat * dark / len(data):.0%} of draws)", file=sys.stderr)
     torch.manual_seed(stage.train.seed)
     model = Tokenizer(stage.model)
     device = resolve_device(stage.train)
