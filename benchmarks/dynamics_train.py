@@ -64,17 +64,20 @@ def make_batch(model: DynamicsModel, batch: int, frames: int) -> tuple[torch.Ten
 
 
 def make_step(model: DynamicsModel, precision: str, latents: torch.Tensor, actions: torch.Tensor):
-    """A closure running one training update like the dynamics training inside loop.train."""
+    """A closure running one training update like the dynamics training inside loop.train, on the
+    device the model and latents are on (benchmarks/gpu.py uses it on CUDA)."""
     cfg = TrainConfig()
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    device = latents.device
+    optimizer = make_optimizer(model, cfg, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     calls = [0]
 
     def step() -> float:
         calls[0] += 1
         with autocast():
-            loss, _ = shortcut_forcing_loss(model, latents, actions, generator=torch.Generator().manual_seed(calls[0]))
+            loss, _ = shortcut_forcing_loss(model, latents, actions,
+                                            generator=torch.Generator(device).manual_seed(calls[0]))
         loss = loss.float()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

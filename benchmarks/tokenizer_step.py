@@ -82,13 +82,15 @@ def build(args: argparse.Namespace) -> tuple[Tokenizer, torch.nn.Module | None]:
 
 
 def make_step(model: Tokenizer, lpips: torch.nn.Module | None, precision: str, frames: torch.Tensor):
-    """A closure running one training update like training/tokenizer.py's loss_fn inside loop.train."""
+    """A closure running one training update like training/tokenizer.py's loss_fn inside loop.train,
+    on the device the model and frames are on (benchmarks/gpu.py uses it on CUDA)."""
     cfg = TrainConfig()
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    device = frames.device
+    optimizer = make_optimizer(model, cfg, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    norms = {"mse": RunningRMS(), "lpips": RunningRMS()}
+    norms = {"mse": RunningRMS().to(device), "lpips": RunningRMS().to(device)}
     patch = model.cfg.patch_size
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step() -> float:
         with autocast():

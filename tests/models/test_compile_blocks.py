@@ -49,3 +49,19 @@ def test_compiled_blocks_match_eager_in_value_and_gradient_and_keep_cache_and_na
         cache = KVCache()
         steps = torch.cat([compiled(x[:, t : t + 1], cache=cache) for t in range(3)], dim=1)
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+
+
+def test_older_torch_is_not_compiled_and_says_so(monkeypatch, capsys):
+    """On torch older than MIN_COMPILE_TORCH (2.11 gave zero gradients for compiled norm gains),
+    compile_blocks leaves every block eager and says why."""
+    from dreamerv4.models import transformer
+
+    cfg = TransformerConfig(embed_dim=32, depth=2, num_heads=4, num_kv_heads=2, time_every=2, num_registers=2)
+    model = SpaceTimeTransformer(cfg)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert transformer.torch_version() == (2, 11)
+    assert compile_blocks(model) == 0
+    assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.modules())
+    assert "torch 2.11.0+cu130 is older than 2.13" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    assert transformer.torch_version() == (2, 13) >= transformer.MIN_COMPILE_TORCH

@@ -88,9 +88,10 @@ class AgentPolicy:
 
     @torch.no_grad()
     def act(self, frame: np.ndarray) -> int:
+        device = next(self.agent.parameters()).device  # the frame and actions go where the models are
         if self.step % self.tokenizer_context == 0:
             self.token_cache = KVCache()
-        latent = self.tokenizer.encode(frames_to_float(frame[None])[None], cache=self.token_cache)[0, 0]
+        latent = self.tokenizer.encode(frames_to_float(frame[None])[None].to(device), cache=self.token_cache)[0, 0]
         self.latents = (self.latents + [latent])[-self.max_context:]
         self.prev_actions = (self.prev_actions + [self.last_action])[-self.max_context:]
         if self.rollout is None or self.rollout.num_frames >= self.max_context:
@@ -98,10 +99,10 @@ class AgentPolicy:
             if self.rollout is not None:
                 self.restarts += 1
             self.rollout = AgentRollout(self.agent, generator=self.generator)
-            prev = torch.tensor([[NO_ACTION] + self.prev_actions[-keep:][1:]])
+            prev = torch.tensor([[NO_ACTION] + self.prev_actions[-keep:][1:]], device=device)
             hidden = self.rollout.observe(torch.stack(self.latents[-keep:])[None], prev)
         else:
-            hidden = self.rollout.observe(latent[None, None], torch.tensor([[self.last_action]]))
+            hidden = self.rollout.observe(latent[None, None], torch.tensor([[self.last_action]], device=device))
         logits = self.agent.policy(hidden)
         space = self.agent.action_space
         action = space.mode(logits) if self.greedy else space.sample(logits, self.generator)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,7 +111,9 @@ def attention(
 
     CPU runs explicit softmax(QK^T)V (`_SoftCapAttention`): it measured fastest here for fwd+bwd
     at the tokenizer's shapes (benchmarks/attention.py), and the soft cap needs the logits anyway.
-    On CUDA without a soft cap, PyTorch's fused SDPA (flash/memory-efficient kernels) is used.
+    On CUDA without a soft cap, PyTorch's fused SDPA (flash/memory-efficient kernels) is used; with
+    the cap the same explicit kernel runs there (on an H100, FlexAttention with the cap as a
+    score_mod saved ~1% of a seed tokenizer step: benchmarks/gpu.py).
     """
     n, hq, lq, dh = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -675,6 +678,18 @@ class SpaceTimeTransformer(nn.Module):
         return None if cache_only else self.norm(x[:, :, :s])
 
 
+# The oldest torch on which compiled blocks were checked against eager ones in value and gradient
+# (tests/models/test_compile_blocks.py runs on 2.13). On torch 2.11 (a GPU machine's, 2026-11-26) the
+# same test failed: the compiled backward gave zero gradients for the RMSNorm gains, the SwiGLU input
+# projection and the registers, so training would silently not update them.
+MIN_COMPILE_TORCH = (2, 13)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def compile_blocks(model: nn.Module, dynamic: bool | None = False, mode: str | None = None) -> int:
     """torch.compile (inductor) every transformer `Block` inside `model`, in place (parameter names
     and checkpoints are unchanged); returns how many. Compiled blocks fuse the elementwise work
@@ -683,7 +698,13 @@ def compile_blocks(model: nn.Module, dynamic: bool | None = False, mode: str | N
     core in bf16; whole training steps 1.4x (dynamics) and 1.1x (tokenizer, where LPIPS and the
     S=84 attention weigh more): benchmarks/{dynamics_train,tokenizer_step}.py --compile. Calls with a
     KVCache and activation-checkpointed calls run the blocks eagerly. Compilation happens at the
-    first call of each new shape / grad mode (about 10 s per block kind on one core)."""
+    first call of each new shape / grad mode (about 10 s per block kind on one core).
+    On torch older than MIN_COMPILE_TORCH nothing is compiled (a note on stderr) and 0 is returned."""
+    if torch_version() < MIN_COMPILE_TORCH:
+        print(f"torch.compile of the transformer blocks skipped: torch {torch.__version__} is older than "
+              f"{'.'.join(map(str, MIN_COMPILE_TORCH))}, on which compiled blocks gave wrong gradients "
+              "(models/transformer.py MIN_COMPILE_TORCH); training eagerly", file=sys.stderr)
+        return 0
     # Blocks share one code object: each (layer kind, shape, grad mode, train/eval) is a cache entry.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [module for module in model.modules() if isinstance(module, Block)]

@@ -250,7 +250,7 @@ def _crafter_eval_fn(cfg: RunConfig):
         policy = AgentPolicy(model, tokenizer.to(device), context, cfg.agent.train.seq_len)
         returns, unlocked = [], []
         for i in range(stage.eval_episodes):
-            generator = torch.Generator().manual_seed(policy_seed(stage.eval_seed, i))
+            generator = torch.Generator(device).manual_seed(policy_seed(stage.eval_seed, i))  # the policy's noise is drawn there
             result = play_episode(policy, stage.eval_seed + i, generator, stage.eval_max_steps)
             returns.append(result["return"])
             unlocked.append(result["unlocked"])
