@@ -24,9 +24,6 @@ class TokenizerStage:
     # Training windows whose first frame is dark (Crafter's night or sleep view: `dark_frames`) are
     # drawn this many times as often as the others (1: the data as recorded).
     dark_repeat: int = 1
-    # False: the LPIPS term skips dark frames (they keep the MSE term). Their night noise cannot be
-    # predicted, and a perceptual loss rewards reproducing noise-like texture over the objects.
-    lpips_on_dark: bool = True
 
     def __post_init__(self) -> None:
         if self.lpips_weight < 0:

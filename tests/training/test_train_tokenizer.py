@@ -34,7 +34,7 @@ from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import read_metrics
 from dreamerv4.data.episodes import write_episode
-from dreamerv4.training.tokenizer import dark_window_repeats, lpips_term, train_tokenizer
+from dreamerv4.training.tokenizer import dark_window_repeats, train_tokenizer
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 TIMING_KEYS = {"elapsed_min", "samples_per_s", "frames_per_s"}  # wall-clock figures differ between runs
@@ -204,15 +204,3 @@ def test_dark_windows_are_repeated(tmp_path):
     assert dark_window_repeats(data, 3, chunk=2).tolist() == [1, 1, 1, 3, 3, 3, 3]
     with pytest.raises(ConfigError, match="dark_repeat must be >= 1"):
         load_config(RunConfig, None, ["tokenizer.dark_repeat=0"])
-
-
-def test_lpips_term_leaves_out_dark_frames_only_when_asked():
-    rng = np.random.default_rng(1)
-    day = torch.zeros(2, 3, 64, 64)
-    day[:, 1] = torch.from_numpy(rng.uniform(0.6, 1.0, (2, 64, 64))).float()  # green: saturated
-    night = torch.from_numpy(rng.uniform(0.1, 0.3, (2, 1, 64, 64))).float().expand(2, 3, 64, 64)  # grey
-    frames = torch.cat([day, night])
-    distances = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert float(lpips_term(distances, frames, on_dark=True)) == pytest.approx(2.5)
-    assert float(lpips_term(distances, frames, on_dark=False)) == pytest.approx((1.0 + 2.0) / 4)
-    assert load_config(RunConfig, None, ["tokenizer.lpips_on_dark=false"]).tokenizer.lpips_on_dark is False

@@ -226,17 +226,11 @@ def _scores(predicted: np.ndarray, y: np.ndarray) -> dict:
 DARK_SATURATION = 0.2
 
 
-def dark_mask(images: torch.Tensor) -> torch.Tensor:
-    """(N,) bool tensor on the images' device: real frames (N,3,64,64) in [0,1] whose world area is
-    desaturated (night or sleep)."""
-    world = images[:, :, : GRID_ROWS * CELL_PX, : GRID_COLS * CELL_PX]
-    saturation = (world.amax(dim=1) - world.amin(dim=1)).float().mean(dim=(1, 2))
-    return saturation < DARK_SATURATION
-
-
 def dark_frames(images: torch.Tensor) -> np.ndarray:
-    """`dark_mask` as a numpy array."""
-    return dark_mask(images).cpu().numpy()
+    """(N,) bool: real frames (N,3,64,64) in [0,1] whose world area is desaturated (night or sleep)."""
+    world = images[:, :, : GRID_ROWS * CELL_PX, : GRID_COLS * CELL_PX]
+    saturation = (world.amax(dim=1) - world.amin(dim=1)).mean(dim=(1, 2))
+    return (saturation < DARK_SATURATION).numpy()
 
 
 def retention_by_light(classifier: CellClassifier, real: torch.Tensor, recon: torch.Tensor, labels: np.ndarray) -> dict:

@@ -9,9 +9,7 @@ reconstruction grids).
 
 `tokenizer.dark_repeat` N > 1 draws the training windows whose first frame is dark (Crafter's
 night or sleep view, `evaluation.cells.dark_frames`) N times as often: a quarter of the recorded
-frames, where objects differ from grass by a few grey levels. `tokenizer.lpips_on_dark: false` leaves
-those frames out of the LPIPS term (they keep the MSE term): their night noise cannot be predicted,
-and LPIPS rewards noise-like texture.
+frames, where objects differ from grass by a few grey levels.
 
 Logged metrics: `loss` is the optimized, RMS-normalized total (it drifts towards 1 as training
 settles, so it does not show progress); `recon_loss` = mse + lpips_weight * lpips before
@@ -41,16 +39,6 @@ def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> to
     patches = patchify(frames, patch_size)
     patches = torch.where(mask[..., None], torch.full_like(patches, 0.5), patches)
     return unpatchify(patches, patch_size)
-
-
-def lpips_term(distances: torch.Tensor, frames: torch.Tensor, on_dark: bool) -> torch.Tensor:
-    """The trained LPIPS term: the mean of the per-frame distances (N,) of frames (N,3,H,W), where
-    with on_dark=False the dark frames (`evaluation.cells.dark_mask`) count as 0."""
-    if on_dark:
-        return distances.mean()
-    from dreamerv4.evaluation.cells import dark_mask
-
-    return (distances * ~dark_mask(frames)).mean()
 
 
 def dark_window_repeats(data: SequenceDataset, repeat: int, chunk: int = 1024) -> np.ndarray:
@@ -97,10 +85,8 @@ def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         metrics = {"mse": mse.detach(), "psnr_masked_train": -10 * torch.log10(mse.detach().clamp_min(1e-10))}
         if lpips is not None:
             recon = unpatchify(out["reconstructed"], patch).flatten(0, 1)
-            distances = lpips(recon, frames.flatten(0, 1)).float()
-            perceptual = distances.mean()
-            trained = lpips_term(distances, frames.flatten(0, 1), stage.lpips_on_dark)
-            loss = loss + stage.lpips_weight * norms["lpips"](trained)
+            perceptual = lpips(recon, frames.flatten(0, 1)).mean().float()
+            loss = loss + stage.lpips_weight * norms["lpips"](perceptual)
             recon_loss = recon_loss + stage.lpips_weight * perceptual.detach()
             metrics["lpips"] = perceptual.detach()
         metrics["recon_loss"] = recon_loss
