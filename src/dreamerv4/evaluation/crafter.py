@@ -79,6 +79,7 @@ class AgentPolicy:
 
     def reset(self, generator: torch.Generator) -> None:
         self.generator = generator
+        self.device = next(self.agent.parameters()).device  # frames and actions go where the models are
         self.step = 0
         self.latents: list[torch.Tensor] = []  # (L, C) per real frame, the last max_context kept
         self.prev_actions: list[int] = []  # the action that led to each kept frame
@@ -88,7 +89,7 @@ class AgentPolicy:
 
     @torch.no_grad()
     def act(self, frame: np.ndarray) -> int:
-        device = next(self.agent.parameters()).device  # the frame and actions go where the models are
+        device = self.device
         if self.step % self.tokenizer_context == 0:
             self.token_cache = KVCache()
         latent = self.tokenizer.encode(frames_to_float(frame[None])[None].to(device), cache=self.token_cache)[0, 0]
