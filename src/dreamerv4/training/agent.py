@@ -50,6 +50,7 @@ from dreamerv4.models.agent import AgentModel, mtp_targets
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.dynamics import load_dynamics, validation_batches, validation_windows
+from dreamerv4.training.ema import inference_state
 from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
 from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, require_finished, resolve_device, train
 from dreamerv4.training.loss_norm import RunningRMS
@@ -82,7 +83,7 @@ def load_agent(path: str | Path, require_done: bool = False) -> tuple[AgentModel
     run = _run_config(path, ckpt, "agent")
     if ckpt.get("format") == CHECKPOINT_FORMAT and require_done:
         require_finished(ckpt, path)
-    state = ckpt["model"]
+    state = inference_state(ckpt)
     if not any(k.startswith("agent_tokens") for k in state) and any(k.startswith("agent.") for k in state):
         state = {k[len("agent."):]: v for k, v in state.items() if k.startswith("agent.")}
     model = AgentModel(DynamicsModel(run.dynamics.model), run.agent.model)

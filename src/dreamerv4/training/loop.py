@@ -37,7 +37,8 @@ Contract and policies:
   global sample positions step*B .. step*B+B-1 walk a permutation of the dataset per epoch, keyed by
   (seed, epoch). So a resumed run sees exactly the batches an uninterrupted one would.
 - Exact resume: the checkpoint holds model, optimizer, scheduler, `extra_state`, step, RNG state
-  (Python, NumPy, torch), the log window, elapsed training time and `done`. Hooks (`on_image`,
+  (Python, NumPy, torch), the log window, elapsed training time and `done`; with `ema_decay` also the
+  weight average ("ema_model"), which `load_weights` and the hooks use (training/ema.py). Hooks (`on_image`,
   `eval_fn`) run with the RNG state saved and restored, so they never shift training randomness.
   On CPU in fp32 a resumed run is bitwise identical to an uninterrupted one (tests check it).
 - Files in `run_dir`: checkpoint.pt (latest; written every `ckpt_every` steps, at the end, on a time
@@ -96,6 +97,7 @@ from tqdm import tqdm
 from dreamerv4.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dreamerv4.errors import CheckpointError, ConfigError, UserError
 from dreamerv4.training import distributed
+from dreamerv4.training.ema import WeightEMA, inference_state
 from dreamerv4.training.logging import MetricsLog
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -135,6 +137,9 @@ class TrainConfig:
     # per CPU second at the seed sizes, compiled, bf16, one thread (40.6 vs 38.2:
     # benchmarks/results/tokenizer_step_malloc.json vs tokenizer_step_untuned_malloc.json).
     tune_malloc: bool = True
+    # Keep an exponential moving average of the weights with this decay (0: none); checkpoints carry
+    # it as "ema_model", later phases and the image/eval hooks use it (training/ema.py).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         # ValueError: config.from_dict turns it into a ConfigError naming the file and section.
@@ -146,6 +151,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 # What `tune_malloc` sets: glibc's largest allowed mmap threshold, and a heap-trim threshold no
@@ -429,7 +436,7 @@ def load_weights(model: nn.Module, path: str | Path, *, require_done: bool = Tru
     if require_done:
         require_finished(ckpt, path)
     try:
-        _unwrap(model).load_state_dict(ckpt["model"])
+        _unwrap(model).load_state_dict(inference_state(ckpt))
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: does not match the model ({exc})") from exc
     return ckpt.get("config", {})
@@ -458,14 +465,21 @@ def run_finished(run_dir: str | Path) -> bool:
 
 def _restore(ckpt: dict[str, Any], ckpt_path: Path, cfg: TrainConfig, model: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-             extra_state: Mapping[str, Stateful]) -> None:
-    """Put model, optimizer, scheduler, extra state and RNG streams back where the checkpoint left them."""
+             extra_state: Mapping[str, Stateful], ema: WeightEMA | None) -> None:
+    """Put model, optimizer, scheduler, extra state, weight average and RNG streams back where the
+    checkpoint left them."""
     try:
         _unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         for name, obj in extra_state.items():
             obj.load_state_dict(ckpt["extra"][name])
+        if ema is not None and "ema_model" in ckpt:
+            ema.load_model_state(ckpt["ema_model"], ckpt["ema_updates"])
+        elif ema is not None:  # ema_decay switched on at resume: average from the restored weights
+            ema.load_model_state(ckpt["model"], 0)
+            print(f"{ckpt_path}: has no weight average; train.ema_decay starts one from step {ckpt['step']}",
+                  file=sys.stderr)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{ckpt_path}: does not fit this model/config ({type(exc).__name__}: {exc})") from exc
     # Hyper-parameters come from the current config (bitwise the same values when it is unchanged).
@@ -582,6 +596,10 @@ def _train(
             obj.to(device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    ema = WeightEMA(_unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    def averaged() -> contextlib.AbstractContextManager:  # hooks see the weights later phases load
+        return ema.swapped_into(_unwrap(model)) if ema is not None else contextlib.nullcontext()
 
     step, elapsed_before_s, nonfinite_total = 0, 0.0, 0
     window: dict[str, Any] = {"sums": {}, "count": 0}
@@ -608,7 +626,7 @@ def _train(
                 print(f"{run_dir}: training already finished at step {step}; nothing to do", file=sys.stderr)
             return TrainSummary(step, True, "already_done", dict(ckpt["last_metrics"]),
                                 time.monotonic() - call_start, ckpt["elapsed_s"] / 60.0, ckpt_path)
-        _restore(ckpt, ckpt_path, cfg, model, optimizer, scheduler, extra_state)
+        _restore(ckpt, ckpt_path, cfg, model, optimizer, scheduler, extra_state, ema)
         if ctx.enabled:
             rank_rng = ckpt.get("rng_ranks") or []
             if len(rank_rng) == ctx.world_size:
@@ -680,6 +698,7 @@ def _train(
                 "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
                 "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
                 "last_metrics": last_metrics, **({"rng_ranks": rank_rng} if ctx.enabled else {}),
+                **({"ema_model": ema.model_state(_unwrap(model)), "ema_updates": ema.updates} if ema else {}),
             })
         if ctx.enabled:
             distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
@@ -736,6 +755,8 @@ def _train(
                         for name, state in synced_extra.items():
                             extra_state[name].load_state_dict(state)
                     optimizer.step()
+                    if ema is not None:
+                        ema.update(_unwrap(model))
                     consecutive_bad = 0
                 else:
                     for name, obj in extra_state.items():
@@ -794,14 +815,14 @@ def _train(
                     window, window_start, window_start_step = {"sums": {}, "count": 0}, now, step
 
                 if on_image is not None and cfg.image_every and step % cfg.image_every == 0 and ctx.is_main:
-                    with _inference(model, autocast):
+                    with _inference(model, autocast), averaged():
                         images = on_image(step, model, batch)
                     for name, image in (images or {}).items():
                         log.write_image(name, step, image)
                 if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     results = {}
                     if ctx.is_main:  # the others wait in the next step's all-reduce (see distributed.py)
-                        with _inference(model, autocast):
+                        with _inference(model, autocast), averaged():
                             results = {k: float(v) for k, v in eval_fn(model).items()}
                     if ctx.enabled:
                         results = ctx.broadcast(results)
