@@ -25,7 +25,7 @@ def test_update_follows_the_warmed_up_decay_by_hand():
     for t, value in enumerate([4.0, 8.0, -2.0, 6.0], start=1):
         with torch.no_grad():
             model.weight.fill_(value)
-        ema.update(model)
+        ema.update()
         decay = min(0.5, (1 + t) / (10 + t))  # t=1: 2/11; from t=9 on it would be 0.5
         expected = decay * expected + (1 - decay) * value
         assert ema.shadow[0][0, 0].item() == pytest.approx(expected, rel=1e-6)
@@ -40,18 +40,18 @@ def test_swapped_into_lends_the_average_and_gives_the_weights_back():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model)
+    ema.update()
     moved = {k: v.clone() for k, v in model.state_dict().items()}
-    with ema.swapped_into(model):
+    with ema.swapped_into():
         inside = {k: v.clone() for k, v in model.state_dict().items()}
     for name, value in model.state_dict().items():
         assert torch.equal(value, moved[name]), name  # the trained weights are back
     weight = "net.0.weight"
     decay = 2 / 11
     assert torch.allclose(inside[weight], decay * trained[weight] + (1 - decay) * moved[weight])
-    assert torch.equal(ema.model_state(model)[weight], inside[weight])
+    assert torch.equal(ema.model_state()[weight], inside[weight])
     # Buffers (LayerNorm has none; running stats would be) and non-averaged keys come from the model.
-    assert set(ema.model_state(model)) == set(model.state_dict())
+    assert set(ema.model_state()) == set(model.state_dict())
 
 
 def test_bad_decay_is_rejected():

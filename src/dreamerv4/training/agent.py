@@ -50,8 +50,8 @@ from dreamerv4.models.agent import AgentModel, mtp_targets
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.dynamics import load_dynamics, validation_batches, validation_windows
-from dreamerv4.training.ema import inference_state
 from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
+from dreamerv4.training.ema import inference_state
 from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, require_finished, resolve_device, train
 from dreamerv4.training.loss_norm import RunningRMS
 from dreamerv4.training.shortcut import shortcut_forcing_loss

@@ -7,9 +7,9 @@ steps). Checkpoints store it as "ema_model" beside the raw "model" (which resume
 `inference_state(ckpt)` is what every loader uses, so eval, tokenize and later phases read the
 average. The loop's image and eval hooks run on it too (`swapped_into`).
 
-    ema = WeightEMA(model, decay=0.999)
-    ...optimizer.step(); ema.update(model)
-    with ema.swapped_into(model):       # the model holds the averaged weights inside the block
+    ema = WeightEMA(model, decay=0.999)   # follows this model's parameters from now on
+    ...optimizer.step(); ema.update()
+    with ema.swapped_into():              # the model holds the averaged weights inside the block
         evaluate(model)
 """
 
@@ -24,35 +24,32 @@ from torch import nn
 
 class WeightEMA:
     """fp32 moving average of `model`'s floating-point parameters (buffers are taken from the model
-    when the state is read: they are not trained)."""
+    when the state is read: they are not trained). Holds the parameter tensors themselves, so it
+    follows in-place updates (optimizers) and must be made after the model is on its device."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
-        self.names = [name for name, p in model.named_parameters() if p.is_floating_point()]
-        params = dict(model.named_parameters())
-        self.shadow = [params[name].detach().float().clone() for name in self.names]
-
-    def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        params = dict(model.named_parameters())
-        return [params[name] for name in self.names]
+        self.model = model
+        named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
         """Fold the model's current weights into the average (call after each applied update)."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        current = [p.detach().float() for p in self._params(model)]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
 
-    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A full state_dict of `model` with the averaged parameters in place of the trained ones."""
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        for name, value in zip(self.names, self.shadow):
-            state[name] = value.to(state[name].dtype).clone()
-        return state
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """A full state_dict of the model with the averaged parameters in place of the trained ones."""
+        averaged = dict(zip(self.names, self.shadow))
+        return {k: averaged[k].to(v.dtype, copy=True) if k in averaged else v.detach().clone()
+                for k, v in self.model.state_dict().items()}
 
     def load_model_state(self, state: dict[str, torch.Tensor], updates: int) -> None:
         """Restore from a checkpoint's "ema_model" (a `model_state`) and its update count."""
@@ -66,9 +63,9 @@ class WeightEMA:
         self.updates = int(updates)
 
     @contextlib.contextmanager
-    def swapped_into(self, model: nn.Module) -> Iterator[None]:
+    def swapped_into(self) -> Iterator[None]:
         """Inside the block the model's parameters hold the average; the trained ones come back after."""
-        params = self._params(model)
+        params = self.params
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, value in zip(params, self.shadow):

@@ -599,7 +599,7 @@ def _train(
     ema = WeightEMA(_unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     def averaged() -> contextlib.AbstractContextManager:  # hooks see the weights later phases load
-        return ema.swapped_into(_unwrap(model)) if ema is not None else contextlib.nullcontext()
+        return ema.swapped_into() if ema is not None else contextlib.nullcontext()
 
     step, elapsed_before_s, nonfinite_total = 0, 0.0, 0
     window: dict[str, Any] = {"sums": {}, "count": 0}
@@ -698,7 +698,7 @@ def _train(
                 "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
                 "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
                 "last_metrics": last_metrics, **({"rng_ranks": rank_rng} if ctx.enabled else {}),
-                **({"ema_model": ema.model_state(_unwrap(model)), "ema_updates": ema.updates} if ema else {}),
+                **({"ema_model": ema.model_state(), "ema_updates": ema.updates} if ema else {}),
             })
         if ctx.enabled:
             distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
@@ -756,7 +756,7 @@ def _train(
                             extra_state[name].load_state_dict(state)
                     optimizer.step()
                     if ema is not None:
-                        ema.update(_unwrap(model))
+                        ema.update()
                     consecutive_bad = 0
                 else:
                     for name, obj in extra_state.items():
