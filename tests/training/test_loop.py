@@ -365,6 +365,69 @@ def test_time_limit_stops_and_resume_continues_the_count(tmp_path):
     assert elapsed == sorted(elapsed) and elapsed[-1] * 60 >= limit_s
 
 
+class FakeClock:
+    """Stands in for the loop's `time` module: only the loss function moves it (by `step_s` a call),
+    so timing-driven behaviour is exact and does not depend on how loaded the machine is."""
+
+    def __init__(self, step_s: float):
+        self.now, self.step_s = 1000.0, step_s
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advancing(self, loss_fn):
+        def wrapped(model, batch):
+            self.now += self.step_s
+            return loss_fn(model, batch)
+
+        return wrapped
+
+
+def test_fit_steps_to_time_shortens_the_schedule_to_end_within_the_limit(tmp_path, monkeypatch):
+    clock = FakeClock(step_s=0.01)
+    monkeypatch.setattr(loop, "time", clock)
+    cfg = base_cfg(steps=10_000, ckpt_every=10_000, warmup_steps=10, time_limit_min=1.0 / 60, fit_steps_to_time=True)
+    cfg = dataclasses.replace(cfg, warmup_steps=20)
+    summary, _, _ = run_toy(tmp_path, cfg, loss_wrapper=clock.advancing)
+    # Timed over steps 10..20, the end of warm-up (0.01 s each); at step 20, 0.2 s are spent: 0.97 * 0.8 s buys 77 more.
+    assert loop.fit_window(cfg, 0) == (10, 20)
+    assert summary.stop_reason == "done" and summary.done and summary.step == 97
+    assert summary.train_time_min * 60 < 1.0
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["fitted_steps"] == 97 and ckpt["done"] and checkpoint_finished(ckpt)
+    curve = train_curve(tmp_path)
+    assert [step for step, *_ in curve] == list(range(1, 98))
+    for step, lr, *_ in curve:  # the whole run follows one schedule: warm-up, then the fitted cosine
+        factor = lr_factor(step - 1, warmup_steps=20, total_steps=97, min_lr_ratio=cfg.min_lr_ratio)
+        assert lr == pytest.approx(cfg.lr * factor, rel=1e-12)
+    assert curve[-1][1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-2)  # decayed by the end
+
+    # Resuming keeps the fitted length: nothing left to do, even with time left on the clock.
+    again, _, _ = run_toy(tmp_path, dataclasses.replace(cfg, time_limit_min=5.0 / 60), resume=True,
+                          loss_wrapper=clock.advancing)
+    assert again.stop_reason == "already_done" and again.step == 97
+
+
+def test_fit_steps_to_time_never_lengthens_the_schedule_and_survives_a_crash(tmp_path, monkeypatch):
+    clock = FakeClock(step_s=0.01)
+    monkeypatch.setattr(loop, "time", clock)
+    roomy = base_cfg(steps=60, warmup_steps=10, time_limit_min=1.0, fit_steps_to_time=True)
+    summary, _, _ = run_toy(tmp_path / "roomy", roomy, loss_wrapper=clock.advancing)
+    assert summary.step == 60 and load_checkpoint(tmp_path / "roomy" / "checkpoint.pt")["fitted_steps"] == 60
+
+    tight = base_cfg(steps=10_000, ckpt_every=10, warmup_steps=10, time_limit_min=1.0 / 60, fit_steps_to_time=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_toy(tmp_path / "tight", tight, loss_wrapper=lambda f: crash_on_call(45)(clock.advancing(f)))
+    assert load_checkpoint(tmp_path / "tight" / "checkpoint.pt")["fitted_steps"] == 97  # saved at step 40
+    resumed, _, _ = run_toy(tmp_path / "tight", tight, resume=True, loss_wrapper=clock.advancing)
+    assert resumed.stop_reason == "done" and resumed.step == 97
+
+
+def test_fit_steps_to_time_needs_a_time_limit():
+    with pytest.raises(ValueError, match="time limit"):
+        base_cfg(fit_steps_to_time=True)
+
+
 def test_metrics_hooks_and_files(tmp_path, reference):
     def eval_fn(model):
         torch.randn(100)  # hooks may draw random numbers without changing training

@@ -46,6 +46,9 @@ Contract and policies:
 - A fresh run in a folder that has checkpoint.pt raises UserError (use resume or another folder).
   `resume=True` with no checkpoint starts fresh; resuming a finished run (done, step >= cfg.steps)
   does nothing. Raising cfg.steps and resuming a finished run continues it.
+- `cfg.fit_steps_to_time` (with a time limit): the updates are timed over `fit_window` and the
+  schedule shortened (`fitted_steps`, never beyond cfg.steps) so its decay ends inside the limit;
+  checkpoints keep the fitted length ("fitted_steps") and a resumed run uses it.
 - Non-finite loss or gradient norm: the update is skipped (weights, optimizer and extra_state stay
   as before the step; the step and the lr schedule still advance), a warning names the step and
   the metric values, and a "nonfinite" record goes to metrics.jsonl. After
@@ -140,6 +143,10 @@ class TrainConfig:
     # Keep an exponential moving average of the weights with this decay (0: none); checkpoints carry
     # it as "ema_model", later phases and the image/eval hooks use it (training/ema.py).
     ema_decay: float = 0.0
+    # With a time limit: time the first updates after warm-up, then shorten the schedule (`steps` is
+    # the most) so its cosine decay ends within time_limit_min on this machine, instead of the limit
+    # cutting it off half-decayed on a slower one. The fitted length is checkpointed and kept on resume.
+    fit_steps_to_time: bool = False
 
     def __post_init__(self) -> None:
         # ValueError: config.from_dict turns it into a ConfigError naming the file and section.
@@ -153,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.fit_steps_to_time and self.time_limit_min <= 0:
+            raise ValueError("fit_steps_to_time needs a time limit (time_limit_min > 0)")
 
 
 # What `tune_malloc` sets: glibc's largest allowed mmap threshold, and a heap-trim threshold no
@@ -266,10 +275,27 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: f
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+def _schedule(cfg: TrainConfig, total_steps: Callable[[], int]) -> Callable[[int], float]:
+    """lr_factor over a schedule whose length `total_steps()` is read at every step (it may be fitted)."""
     return lambda step: lr_factor(
-        step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio
+        step, warmup_steps=cfg.warmup_steps, total_steps=total_steps(), min_lr_ratio=cfg.min_lr_ratio
     )
+
+
+FIT_MARGIN = 0.97  # of the remaining time the fitted schedule plans for: checkpoints and hooks take the rest
+
+
+def fitted_steps(cfg: TrainConfig, step: int, elapsed_s: float, seconds_per_step: float) -> int:
+    """The schedule length that ends within cfg.time_limit_min at `seconds_per_step`, at most cfg.steps."""
+    remaining = max(0.0, cfg.time_limit_min * 60.0 - elapsed_s) * FIT_MARGIN
+    return min(cfg.steps, step + int(remaining / max(seconds_per_step, 1e-9)))
+
+
+def fit_window(cfg: TrainConfig, start_step: int) -> tuple[int, int]:
+    """Steps (first, last) between which `fit_steps_to_time` times the updates: after the first
+    compiled steps, ending where warm-up ends (for a fresh run), so the cosine has not started yet."""
+    half = max(10, cfg.warmup_steps // 2)
+    return start_step + half, start_step + 2 * half
 
 
 _DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -486,7 +512,7 @@ def _restore(ckpt: dict[str, Any], ckpt_path: Path, cfg: TrainConfig, model: nn.
     step = int(ckpt["step"])
     scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
     for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
-        group.update(initial_lr=cfg.lr, lr=cfg.lr * _schedule(cfg)(step), betas=(cfg.beta1, cfg.beta2),
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * scheduler.lr_lambdas[0](step), betas=(cfg.beta1, cfg.beta2),
                      weight_decay=decay)
     set_rng_state(ckpt["rng"])
 
@@ -595,7 +621,9 @@ def _train(
         if isinstance(obj, nn.Module):
             obj.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    # The schedule's length: cfg.steps, unless fit_steps_to_time shortens it (here or in a checkpoint).
+    total = {"steps": cfg.steps, "fitted": False}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, lambda: total["steps"]))
     ema = WeightEMA(_unwrap(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     def averaged() -> contextlib.AbstractContextManager:  # hooks see the weights later phases load
@@ -621,7 +649,9 @@ def _train(
             if len(set(steps_seen)) > 1:
                 raise CheckpointError(f"{ckpt_path}: ranks read different checkpoints (steps {steps_seen})")
         step = int(ckpt["step"])
-        if ckpt["done"] and step >= cfg.steps:
+        if cfg.fit_steps_to_time and ckpt.get("fitted_steps") is not None:
+            total.update(steps=min(cfg.steps, int(ckpt["fitted_steps"])), fitted=True)
+        if ckpt["done"] and step >= total["steps"]:
             if ctx.is_main:
                 print(f"{run_dir}: training already finished at step {step}; nothing to do", file=sys.stderr)
             return TrainSummary(step, True, "already_done", dict(ckpt["last_metrics"]),
@@ -672,7 +702,9 @@ def _train(
     train_start = time.monotonic()
     elapsed_s = lambda: elapsed_before_s + time.monotonic() - train_start  # noqa: E731
     # -1 forces a final save: a fresh run, or a resumed one whose train.steps was lowered to its step.
-    saved_step = step if resumed and step < cfg.steps else -1
+    saved_step = step if resumed and step < total["steps"] else -1
+    fit_from, fit_at = fit_window(cfg, step) if cfg.fit_steps_to_time and not total["fitted"] else (-1, -1)
+    fit_start_time = 0.0
     consecutive_bad = 0
     window_start, window_start_step = time.monotonic(), step
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -697,14 +729,15 @@ def _train(
                 "rng": rng_state(), "config": config_dict,
                 "train_config": dataclasses.asdict(cfg), "elapsed_s": elapsed_s(), "nonfinite_steps": nonfinite_total,
                 "log_window": {"sums": {k: float(v) for k, v in window["sums"].items()}, "count": window["count"]},
-                "last_metrics": last_metrics, **({"rng_ranks": rank_rng} if ctx.enabled else {}),
+                "last_metrics": last_metrics, "fitted_steps": total["steps"] if total["fitted"] else None,
+                **({"rng_ranks": rank_rng} if ctx.enabled else {}),
                 **({"ema_model": ema.model_state(), "ema_updates": ema.updates} if ema else {}),
             })
         if ctx.enabled:
             distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
         saved_step = step
 
-    bar = tqdm(total=cfg.steps, initial=step, desc=run_dir.name, dynamic_ncols=True,
+    bar = tqdm(total=total["steps"], initial=step, desc=run_dir.name, dynamic_ncols=True,
                disable=None if ctx.is_main else True, file=sys.stderr)
     last_line = 0.0
     stop_reason = "done"
@@ -718,7 +751,7 @@ def _train(
 
             if ctx.enabled:  # ranks stop together: flags are summed over ranks (first here, then per step)
                 agreed_stop = ctx.sum_(torch.tensor(stop_flags(), dtype=torch.float64, device=device)).tolist()
-            while step < cfg.steps:
+            while step < total["steps"]:
                 if ctx.enabled:
                     time_up, signalled = agreed_stop[0] > 0, agreed_stop[1] > 0
                 else:
@@ -767,6 +800,22 @@ def _train(
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 step += 1
+                if step == fit_from:
+                    fit_start_time = time.monotonic()
+                elif step == fit_at:
+                    seconds_per_step = (time.monotonic() - fit_start_time) / (fit_at - fit_from)
+                    fitted = fitted_steps(cfg, step, elapsed_s(), seconds_per_step)
+                    if ctx.enabled:
+                        fitted = ctx.broadcast(fitted)  # rank 0's timing decides for all
+                    total.update(steps=max(step, fitted), fitted=True)
+                    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # the next update's
+                        group["lr"] = base_lr * scheduler.lr_lambdas[0](step)
+                    bar.total = total["steps"]
+                    bar.refresh()
+                    if ctx.is_main:
+                        tqdm.write(f"{run_dir}: {seconds_per_step:.3f} s per step: schedule fitted to the "
+                                   f"{cfg.time_limit_min:g}-minute limit, {total['steps']} steps "
+                                   f"(train.steps {cfg.steps})", file=sys.stderr)
 
                 if not finite:
                     report = {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
@@ -794,7 +843,7 @@ def _train(
                     window["count"] += 1
                 bar.update(1)
 
-                if (step % cfg.log_every == 0 or step == cfg.steps) and window["count"] > 0:
+                if (step % cfg.log_every == 0 or step == total["steps"]) and window["count"] > 0:
                     now = time.monotonic()
                     n, window_time = window["count"], max(now - window_start, 1e-9)
                     samples_per_s = (step - window_start_step) * cfg.batch_size / window_time
@@ -808,8 +857,8 @@ def _train(
                     last_metrics.update({k: v for k, v in record.items() if k != "kind"})
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", lr=f"{lr:.2e}",
                                     fps=f"{record['frames_per_s']:.0f}")
-                    if ctx.is_main and bar.disable and (now - last_line >= 10.0 or step == cfg.steps):
-                        print(f"step {step}/{cfg.steps} " + _fmt({k: v for k, v in record.items()
+                    if ctx.is_main and bar.disable and (now - last_line >= 10.0 or step == total["steps"]):
+                        print(f"step {step}/{total['steps']} " + _fmt({k: v for k, v in record.items()
                               if k not in ("kind", "step")}), file=sys.stderr)
                         last_line = now
                     window, window_start, window_start_step = {"sums": {}, "count": 0}, now, step
@@ -819,7 +868,7 @@ def _train(
                         images = on_image(step, model, batch)
                     for name, image in (images or {}).items():
                         log.write_image(name, step, image)
-                if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                if eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total["steps"]):
                     results = {}
                     if ctx.is_main:  # the others wait in the next step's all-reduce (see distributed.py)
                         with _inference(model, autocast), averaged():
@@ -832,20 +881,20 @@ def _train(
                         tqdm.write(f"step {step} eval: {_fmt(results)}", file=sys.stderr)
 
                 # No periodic checkpoint inside a streak of skipped steps: the last good one stays.
-                if (step % cfg.ckpt_every == 0 and consecutive_bad == 0) or step == cfg.steps:
-                    save(done=step >= cfg.steps)
+                if (step % cfg.ckpt_every == 0 and consecutive_bad == 0) or step == total["steps"]:
+                    save(done=step >= total["steps"])
             # Time limit or signal between periodic checkpoints; a time limit is always recorded, since
             # it finishes the run's budget (`checkpoint_finished`).
             if saved_step != step or stop_reason == "time_limit":
-                save(done=step >= cfg.steps, reason=stop_reason)
+                save(done=step >= total["steps"], reason=stop_reason)
     finally:
         bar.close()
         log.close()
         del batches  # shuts DataLoader workers down
 
-    done = step >= cfg.steps
+    done = step >= total["steps"]
     if stop_reason != "done" and ctx.is_main:
-        print(f"{run_dir}: stopped at step {step}/{cfg.steps} ({stop_reason.replace('_', ' ')}); "
+        print(f"{run_dir}: stopped at step {step}/{total['steps']} ({stop_reason.replace('_', ' ')}); "
               f"checkpoint {ckpt_path}; continue with --resume", file=sys.stderr)
     return TrainSummary(step, done, "done" if done else stop_reason, last_metrics,
                         time.monotonic() - call_start, elapsed_s() / 60.0, ckpt_path)
