@@ -110,6 +110,25 @@ def test_comparisons_pair_the_model_with_every_baseline(report):
             assert d["psnr_diff_ci95"][0] <= d["psnr_diff"] + 1e-9 and d["psnr_diff"] <= d["psnr_diff_ci95"][1] + 1e-9
 
 
+def test_changed_frames_split_leaves_out_exactly_the_unchanged_windows(report, tiny_crafter_root):
+    result = report["result"]
+    for h in HORIZONS:
+        moved = []
+        for i in range(3):
+            frames = load_frames(tiny_crafter_root / f"episode_{i:05d}")
+            moved += [bool((frames[start + CONTEXT + h - 1] != frames[start + CONTEXT - 1]).any()) for start in (0, 19, 21)]
+        split = result["changed_frames"][str(h)]
+        assert split["frames"] == sum(moved)
+        assert split["unchanged_fraction"] == pytest.approx(1 - sum(moved) / len(moved))
+        if split["frames"]:
+            assert set(split["results"]) == set(METHODS) and set(split["comparisons"]) == set(BASELINES)
+            # on frames that change, the copy is never exact
+            assert split["results"]["copy_last_frame"]["psnr"] < PSNR_CAP
+            d = split["comparisons"]["copy_last_frame"]
+            assert d["psnr_diff"] == pytest.approx(
+                split["results"]["model"]["psnr"] - split["results"]["copy_last_frame"]["psnr"], abs=1e-4)
+
+
 class _FixedClassifier:
     """Stands in for the cell classifier: returns the labels it was given for each frame batch."""
 
