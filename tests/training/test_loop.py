@@ -386,26 +386,39 @@ class FakeClock:
 def test_fit_steps_to_time_shortens_the_schedule_to_end_within_the_limit(tmp_path, monkeypatch):
     clock = FakeClock(step_s=0.01)
     monkeypatch.setattr(loop, "time", clock)
-    cfg = base_cfg(steps=10_000, ckpt_every=10_000, warmup_steps=10, time_limit_min=1.0 / 60, fit_steps_to_time=True)
-    cfg = dataclasses.replace(cfg, warmup_steps=20)
-    summary, _, _ = run_toy(tmp_path, cfg, loss_wrapper=clock.advancing)
-    # Timed over steps 10..20, the end of warm-up (0.01 s each); at step 20, 0.2 s are spent: 0.97 * 0.8 s buys 77 more.
-    assert loop.fit_window(cfg, 0) == (10, 20)
-    assert summary.stop_reason == "done" and summary.done and summary.step == 97
+    cfg = base_cfg(steps=10_000, ckpt_every=10_000, warmup_steps=20, time_limit_min=1.0 / 60, fit_steps_to_time=True)
+
+    def slower_after_step_20(loss_fn):  # the machine gets busier after the first fit: the second catches it
+        calls = {"n": 0}
+
+        def wrapped(model, batch):
+            calls["n"] += 1
+            clock.step_s = 0.01 if calls["n"] <= 20 else 0.02
+            return clock.advancing(loss_fn)(model, batch)
+
+        return wrapped
+
+    summary, _, _ = run_toy(tmp_path, cfg, loss_wrapper=slower_after_step_20)
+    # First fit over steps 10..20, the end of warm-up (0.01 s each): at 0.2 s, 0.97 * 0.8 s buys 77
+    # more, 97 in all. Final fit at step 20 + 77 // 5 = 35 over steps 20..35 (0.02 s each): at 0.5 s,
+    # 0.97 * 0.5 s buys 24 more, 59 in all.
+    assert loop.fit_window(cfg, 0) == (10, 20) and loop.refit_at(20, 97, 10) == 35
+    assert summary.stop_reason == "done" and summary.done and summary.step == 59
     assert summary.train_time_min * 60 < 1.0
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["fitted_steps"] == 97 and ckpt["done"] and checkpoint_finished(ckpt)
+    assert ckpt["fitted_steps"] == 59 and ckpt["done"] and checkpoint_finished(ckpt)
     curve = train_curve(tmp_path)
-    assert [step for step, *_ in curve] == list(range(1, 98))
-    for step, lr, *_ in curve:  # the whole run follows one schedule: warm-up, then the fitted cosine
-        factor = lr_factor(step - 1, warmup_steps=20, total_steps=97, min_lr_ratio=cfg.min_lr_ratio)
-        assert lr == pytest.approx(cfg.lr * factor, rel=1e-12)
-    assert curve[-1][1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-2)  # decayed by the end
+    assert [step for step, *_ in curve] == list(range(1, 60))
+    for step, lr, *_ in curve:  # warm-up, then the first fitted cosine, then the final one
+        length = 10_000 if step <= 20 else 97 if step <= 35 else 59
+        factor = lr_factor(step - 1, warmup_steps=20, total_steps=length, min_lr_ratio=cfg.min_lr_ratio)
+        assert lr == pytest.approx(cfg.lr * factor, rel=1e-12), step
+    assert curve[-1][1] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.02)  # decayed by the end
 
     # Resuming keeps the fitted length: nothing left to do, even with time left on the clock.
     again, _, _ = run_toy(tmp_path, dataclasses.replace(cfg, time_limit_min=5.0 / 60), resume=True,
                           loss_wrapper=clock.advancing)
-    assert again.stop_reason == "already_done" and again.step == 97
+    assert again.stop_reason == "already_done" and again.step == 59
 
 
 def test_fit_steps_to_time_never_lengthens_the_schedule_and_survives_a_crash(tmp_path, monkeypatch):
@@ -414,13 +427,18 @@ def test_fit_steps_to_time_never_lengthens_the_schedule_and_survives_a_crash(tmp
     roomy = base_cfg(steps=60, warmup_steps=10, time_limit_min=1.0, fit_steps_to_time=True)
     summary, _, _ = run_toy(tmp_path / "roomy", roomy, loss_wrapper=clock.advancing)
     assert summary.step == 60 and load_checkpoint(tmp_path / "roomy" / "checkpoint.pt")["fitted_steps"] == 60
+    # train.steps bound, not the clock: raising it continues the run, as without fitting
+    more, _, _ = run_toy(tmp_path / "roomy", dataclasses.replace(roomy, steps=80), resume=True,
+                         loss_wrapper=clock.advancing)
+    assert more.step == 80 and more.stop_reason == "done"
 
     tight = base_cfg(steps=10_000, ckpt_every=10, warmup_steps=10, time_limit_min=1.0 / 60, fit_steps_to_time=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_toy(tmp_path / "tight", tight, loss_wrapper=lambda f: crash_on_call(45)(clock.advancing(f)))
-    assert load_checkpoint(tmp_path / "tight" / "checkpoint.pt")["fitted_steps"] == 97  # saved at step 40
+    # fits at step 20 (97 steps) and 35 (35 + int(0.97 * 0.65 s / 0.01 s) = 98); saved at step 40
+    assert load_checkpoint(tmp_path / "tight" / "checkpoint.pt")["fitted_steps"] == 98
     resumed, _, _ = run_toy(tmp_path / "tight", tight, resume=True, loss_wrapper=clock.advancing)
-    assert resumed.stop_reason == "done" and resumed.step == 97
+    assert resumed.stop_reason == "done" and resumed.step == 98
 
 
 def test_fit_steps_to_time_needs_a_time_limit():

@@ -46,8 +46,8 @@ Contract and policies:
 - A fresh run in a folder that has checkpoint.pt raises UserError (use resume or another folder).
   `resume=True` with no checkpoint starts fresh; resuming a finished run (done, step >= cfg.steps)
   does nothing. Raising cfg.steps and resuming a finished run continues it.
-- `cfg.fit_steps_to_time` (with a time limit): the updates are timed over `fit_window` and the
-  schedule shortened (`fitted_steps`, never beyond cfg.steps) so its decay ends inside the limit;
+- `cfg.fit_steps_to_time` (with a time limit): the updates are timed over `fit_window` (and again up
+  to `refit_at`) and the schedule shortened (`fitted_steps`, never beyond cfg.steps) so its decay ends inside the limit;
   checkpoints keep the fitted length ("fitted_steps") and a resumed run uses it.
 - Non-finite loss or gradient norm: the update is skipped (weights, optimizer and extra_state stay
   as before the step; the step and the lr schedule still advance), a warning names the step and
@@ -145,7 +145,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     # With a time limit: time the first updates after warm-up, then shorten the schedule (`steps` is
     # the most) so its cosine decay ends within time_limit_min on this machine, instead of the limit
-    # cutting it off half-decayed on a slower one. The fitted length is checkpointed and kept on resume.
+    # cutting it off half-decayed on a slower one. The fitted length is checkpointed and kept on resume
+    # (where `steps`, not the clock, bound it, a raised `steps` still extends the run).
     fit_steps_to_time: bool = False
 
     def __post_init__(self) -> None:
@@ -292,10 +293,17 @@ def fitted_steps(cfg: TrainConfig, step: int, elapsed_s: float, seconds_per_step
 
 
 def fit_window(cfg: TrainConfig, start_step: int) -> tuple[int, int]:
-    """Steps (first, last) between which `fit_steps_to_time` times the updates: after the first
+    """Steps (first, last) between which `fit_steps_to_time` first times the updates: after the first
     compiled steps, ending where warm-up ends (for a fresh run), so the cosine has not started yet."""
     half = max(10, cfg.warmup_steps // 2)
     return start_step + half, start_step + 2 * half
+
+
+def refit_at(fitted_at: int, total_steps: int, min_window: int) -> int:
+    """The step of the second, final fit: a fifth of the way through the first fitted schedule (at least
+    `min_window` steps on), timed since the first fit, so that checkpoints, hooks and slow early steps
+    weigh in as they will on average (the cosine's length then moves a little, early in its decay)."""
+    return fitted_at + max(min_window, (total_steps - fitted_at) // 5)
 
 
 _DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -650,7 +658,9 @@ def _train(
                 raise CheckpointError(f"{ckpt_path}: ranks read different checkpoints (steps {steps_seen})")
         step = int(ckpt["step"])
         if cfg.fit_steps_to_time and ckpt.get("fitted_steps") is not None:
-            total.update(steps=min(cfg.steps, int(ckpt["fitted_steps"])), fitted=True)
+            fitted, old_cap = int(ckpt["fitted_steps"]), int(ckpt["train_config"]["steps"])
+            # A fit that train.steps capped did not bind: a raised train.steps still continues the run.
+            total.update(steps=cfg.steps if fitted >= old_cap else min(cfg.steps, fitted), fitted=True)
         if ckpt["done"] and step >= total["steps"]:
             if ctx.is_main:
                 print(f"{run_dir}: training already finished at step {step}; nothing to do", file=sys.stderr)
@@ -704,7 +714,7 @@ def _train(
     # -1 forces a final save: a fresh run, or a resumed one whose train.steps was lowered to its step.
     saved_step = step if resumed and step < total["steps"] else -1
     fit_from, fit_at = fit_window(cfg, step) if cfg.fit_steps_to_time and not total["fitted"] else (-1, -1)
-    fit_start_time = 0.0
+    fit_start_time, fits_left = 0.0, 2
     consecutive_bad = 0
     window_start, window_start_step = time.monotonic(), step
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -803,7 +813,8 @@ def _train(
                 if step == fit_from:
                     fit_start_time = time.monotonic()
                 elif step == fit_at:
-                    seconds_per_step = (time.monotonic() - fit_start_time) / (fit_at - fit_from)
+                    now = time.monotonic()
+                    seconds_per_step = (now - fit_start_time) / (fit_at - fit_from)
                     fitted = fitted_steps(cfg, step, elapsed_s(), seconds_per_step)
                     if ctx.enabled:
                         fitted = ctx.broadcast(fitted)  # rank 0's timing decides for all
@@ -815,7 +826,10 @@ def _train(
                     if ctx.is_main:
                         tqdm.write(f"{run_dir}: {seconds_per_step:.3f} s per step: schedule fitted to the "
                                    f"{cfg.time_limit_min:g}-minute limit, {total['steps']} steps "
-                                   f"(train.steps {cfg.steps})", file=sys.stderr)
+                                   f"(train.steps {cfg.steps}{'' if fits_left > 1 else '; final'})", file=sys.stderr)
+                    fits_left -= 1
+                    if fits_left:
+                        fit_from, fit_at, fit_start_time = step, refit_at(step, total["steps"], fit_at - fit_from), now
 
                 if not finite:
                     report = {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
