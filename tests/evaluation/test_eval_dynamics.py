@@ -26,7 +26,7 @@ from dreamerv4.data.crafter_layout import SEMANTIC_NAMES
 from dreamerv4.data.episodes import load_frames
 from dreamerv4.data.latents import frames_to_float, tokenize_dataset
 from dreamerv4.evaluation.dynamics import (
-    BASELINES, HORIZONS, METHODS, PSNR_CAP, beatable_split, evaluate_dynamics, frame_scores, imagine,
+    BASELINES, HORIZONS, METHODS, PSNR_CAP, beatable_split, evaluate_dynamics, format_report, frame_scores, imagine,
     paired_difference,
 )
 from dreamerv4.training.dynamics import load_dynamics
@@ -137,6 +137,8 @@ def test_report_splits_every_horizon_by_the_ceiling(report):
     for h in map(str, HORIZONS):
         split = result["beatable_frames"][h]
         assert split["copy_above_ceiling_fraction"] == pytest.approx(1 - split["frames"] / result["windows"])
+    text = format_report(result)
+    assert "copy scores below the tokenizer's reconstruction" in text and "h15 " in text.splitlines()[-1]
 
 
 class _FixedClassifier:

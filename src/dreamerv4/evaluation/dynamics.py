@@ -287,6 +287,16 @@ def evaluate_dynamics(checkpoint: str | Path, data: str | Path, out: str | Path 
     return report
 
 
+def _difference_text(d: dict) -> str:
+    """A `paired_difference` as "PSNR dB [95% interval]" and, when present, "retention points [interval]"."""
+    lo, hi = d["psnr_diff_ci95"]
+    text = f"{d['psnr_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    if d.get("retention_diff") is not None:
+        lo, hi = d["retention_diff_ci95"]
+        text += f" {100 * d['retention_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return text
+
+
 def format_report(report: dict) -> str:
     lines = [f"{report['windows']} windows ({report['episodes']} episodes of {report['data']}), context "
              f"{report['context']}, K = {report['sampling_steps']}"]
@@ -298,26 +308,12 @@ def format_report(report: dict) -> str:
         lines.append(f"  {method:<25} " + " | ".join(cells))
     lines.append("model minus baseline, mean [95% bootstrap interval over windows]: PSNR dB, retention points")
     for base, by_h in report.get("comparisons", {}).items():
-        cells = []
-        for h, d in by_h.items():
-            lo, hi = d["psnr_diff_ci95"]
-            cell = f"h{h} {d['psnr_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-            if d.get("retention_diff") is not None:
-                lo, hi = d["retention_diff_ci95"]
-                cell += f" {100 * d['retention_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-            cells.append(cell)
-        lines.append(f"  - {base:<23} " + " | ".join(cells))
+        lines.append(f"  - {base:<23} " + " | ".join(f"h{h} {_difference_text(d)}" for h, d in by_h.items()))
     cells = []
     for h, c in report.get("beatable_frames", {}).items():
         d = c.get("comparisons", {}).get("copy_last_frame")
-        cell = f"h{h} {100 * c['copy_above_ceiling_fraction']:.0f}% above"
-        if d is not None:
-            lo, hi = d["psnr_diff_ci95"]
-            cell += f", on the rest {d['psnr_diff']:+.2f} dB [{lo:+.2f}, {hi:+.2f}]"
-            if d.get("retention_diff") is not None:
-                lo, hi = d["retention_diff_ci95"]
-                cell += f" {100 * d['retention_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        cells.append(cell)
+        cells.append(f"h{h} {100 * c['copy_above_ceiling_fraction']:.0f}% above"
+                     + (f", on the rest {_difference_text(d)}" if d is not None else ""))
     if cells:
         lines.append("model minus copy_last_frame where the copy scores below the tokenizer's reconstruction "
                      "(share of windows where it scores above): " + " | ".join(cells))
