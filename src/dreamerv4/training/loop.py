@@ -306,6 +306,32 @@ def refit_at(fitted_at: int, total_steps: int, min_window: int) -> int:
     return fitted_at + max(min_window, (total_steps - fitted_at) // 5)
 
 
+class _StepTimer:
+    """The timing behind `fit_steps_to_time`: `fit_window`, then one more window up to `refit_at`."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        self.first, self.last = fit_window(cfg, start_step)
+        self.started = self.stopped = 0.0
+        self.windows_left = 2
+
+    def seconds_per_step(self, step: int) -> float | None:
+        """Call after each update: the mean seconds per update when `step` closes a window, else None."""
+        if step == self.first:
+            self.started = time.monotonic()
+        elif step == self.last:
+            self.stopped = time.monotonic()
+            return (self.stopped - self.started) / (self.last - self.first)
+        return None
+
+    def fitted(self, step: int, total_steps: int) -> bool:
+        """Record the fit made at `step`; True when it was the final one (else the next window opens)."""
+        self.windows_left -= 1
+        if self.windows_left:
+            window = self.last - self.first
+            self.first, self.last, self.started = step, refit_at(step, total_steps, window), self.stopped
+        return not self.windows_left
+
+
 _DECAYED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -713,8 +739,7 @@ def _train(
     elapsed_s = lambda: elapsed_before_s + time.monotonic() - train_start  # noqa: E731
     # -1 forces a final save: a fresh run, or a resumed one whose train.steps was lowered to its step.
     saved_step = step if resumed and step < total["steps"] else -1
-    fit_from, fit_at = fit_window(cfg, step) if cfg.fit_steps_to_time and not total["fitted"] else (-1, -1)
-    fit_start_time, fits_left = 0.0, 2
+    timer = _StepTimer(cfg, step) if cfg.fit_steps_to_time and not total["fitted"] else None
     consecutive_bad = 0
     window_start, window_start_step = time.monotonic(), step
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -810,15 +835,13 @@ def _train(
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 step += 1
-                if step == fit_from:
-                    fit_start_time = time.monotonic()
-                elif step == fit_at:
-                    now = time.monotonic()
-                    seconds_per_step = (now - fit_start_time) / (fit_at - fit_from)
+                seconds_per_step = timer.seconds_per_step(step) if timer is not None else None
+                if seconds_per_step is not None:
                     fitted = fitted_steps(cfg, step, elapsed_s(), seconds_per_step)
                     if ctx.enabled:
                         fitted = ctx.broadcast(fitted)  # rank 0's timing decides for all
                     total.update(steps=max(step, fitted), fitted=True)
+                    final = timer.fitted(step, total["steps"])
                     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):  # the next update's
                         group["lr"] = base_lr * scheduler.lr_lambdas[0](step)
                     bar.total = total["steps"]
@@ -826,10 +849,7 @@ def _train(
                     if ctx.is_main:
                         tqdm.write(f"{run_dir}: {seconds_per_step:.3f} s per step: schedule fitted to the "
                                    f"{cfg.time_limit_min:g}-minute limit, {total['steps']} steps "
-                                   f"(train.steps {cfg.steps}{'' if fits_left > 1 else '; final'})", file=sys.stderr)
-                    fits_left -= 1
-                    if fits_left:
-                        fit_from, fit_at, fit_start_time = step, refit_at(step, total["steps"], fit_at - fit_from), now
+                                   f"(train.steps {cfg.steps}{'; final' if final else ''})", file=sys.stderr)
 
                 if not finite:
                     report = {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
