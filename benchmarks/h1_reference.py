@@ -10,8 +10,9 @@ it scores, against frame t+1 (PSNR per frame, capped at 50 dB as in `eval dynami
 
   copy                 frame t (the baseline of `eval dynamics`)
   shift_copy           frame t with its world area shifted by the player's true movement, read from
-                       the recorded semantic maps (an oracle for the action's effect); the strip of
-                       world that comes into view keeps frame t's pixels
+                       the recorded semantic maps (an oracle for the action's effect), the player's
+                       tile kept at the centre; the strip of world that comes into view keeps frame
+                       t's pixels
   *_via_tokenizer      the same frames encoded and decoded: the best a latent predictor that got
                        exactly that frame could score through this tokenizer
   tokenizer_ceiling    frame t+1 itself encoded and decoded (a perfect latent prediction)
@@ -51,11 +52,14 @@ def player_move(before: np.ndarray, after: np.ndarray, margin: float = 0.05) -> 
 
 
 def shift_world(frame: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Frame (64,64,3) with its world area moved as the view moves when the player steps (dy, dx)."""
+    """Frame (64,64,3) with its world area moved as the view moves when the player steps (dy, dx);
+    the player's own tile stays where the view keeps it, at the centre."""
     out = frame.copy()
     h, w, y, x = GRID_ROWS * CELL_PX, GRID_COLS * CELL_PX, dy * CELL_PX, dx * CELL_PX
     out[max(-y, 0): h + min(-y, 0), max(-x, 0): w + min(-x, 0)] = \
         frame[max(y, 0): h + min(y, 0), max(x, 0): w + min(x, 0)]
+    row, col = GRID_ROWS // 2 * CELL_PX, GRID_COLS // 2 * CELL_PX
+    out[row: row + CELL_PX, col: col + CELL_PX] = frame[row: row + CELL_PX, col: col + CELL_PX]
     return out
 
 
