@@ -32,9 +32,10 @@ import torch
 
 from dreamerv4.data.crafter_layout import CELL_PX, GRID_COLS, GRID_ROWS
 from dreamerv4.data.episodes import find_episodes, load_frames, load_observations
+from dreamerv4.evaluation.cells import as_images
 from dreamerv4.evaluation.dynamics import PSNR_CAP
 from dreamerv4.evaluation.metrics import psnr
-from dreamerv4.evaluation.tokenizer import load_tokenizer
+from dreamerv4.evaluation.tokenizer import load_tokenizer, reconstruct
 
 RESULTS = Path(__file__).parent / "results" / "h1_reference.json"
 MOVES = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, cols) the player moved by
@@ -92,15 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer, _ = load_tokenizer(args.checkpoint)
     before, after, shifted, moved = sample_pairs(args.data, args.pairs_per_episode, args.seed)
 
-    def images(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    def through_tokenizer(images: torch.Tensor) -> torch.Tensor:
+        return reconstruct(tokenizer, images[:, None], batch=256)[:, 0]
 
-    @torch.no_grad()
-    def through_tokenizer(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([tokenizer.decode(tokenizer.encode(x[i: i + 256, None]))[:, 0] for i in range(0, len(x), 256)])
-
-    target = images(after)
-    candidates = {"copy": images(before), "shift_copy": images(shifted)}
+    target = as_images(after)
+    candidates = {"copy": as_images(before), "shift_copy": as_images(shifted)}
     candidates.update({f"{k}_via_tokenizer": through_tokenizer(v) for k, v in list(candidates.items())})
     candidates["tokenizer_ceiling"] = through_tokenizer(target)
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "pairs": len(target),
