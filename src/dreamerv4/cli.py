@@ -4,6 +4,7 @@
     dreamerv4 data crafter --episodes 20 --out data/crafter
     dreamerv4 data validate data/crafter
     dreamerv4 data convert-minerl SRC DST
+    dreamerv4 data convert-vpt SRC DST [--workers N]
     dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 eval tokenizer --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter
     dreamerv4 data tokenize --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter --out runs/x/latents
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true", help="replace destination episodes that exist")
     p.set_defaults(handler="dreamerv4.data.minerl_convert:cmd_convert")
+
+    p = data.add_parser("convert-vpt", help="convert VPT contractor recordings (mp4 + jsonl) to the extracted layout")
+    p.add_argument("src", help="a folder of NAME.mp4 + NAME.jsonl recordings (any depth)")
+    p.add_argument("dst")
+    p.add_argument("--workers", type=int, default=None, help="recordings converted at once (default: min(4, CPUs))")
+    p.add_argument("--overwrite", action="store_true", help="convert again recordings whose destination exists")
+    p.set_defaults(handler="dreamerv4.data.vpt_convert:cmd_convert")
 
     p = data.add_parser("tokenize", help="encode an episode folder into a latent dataset with a frozen tokenizer")
     p.add_argument("--checkpoint", required=True, help="tokenizer checkpoint.pt")

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from dreamerv4.actions import ActionReport, get_action_space
-from dreamerv4.data.episodes import FRAME_SHAPE, write_episode
+from dreamerv4.data.episodes import write_episode
+from dreamerv4.data.video import read_video
 from dreamerv4.errors import DataError
 
 VIDEO_FILE = "recording.mp4"
@@ -56,34 +57,6 @@ def _load_rendered(path: Path) -> dict[str, np.ndarray]:
     # Some releases store the enum columns as object arrays; MineRL's loader reads them with pickle too.
     with np.load(path, allow_pickle=True) as npz:
         return {k: npz[k] for k in npz.files}
-
-
-def _read_video(path: Path, skip: int, keep: int) -> tuple[np.ndarray, int]:
-    """Frames skip .. skip+keep-1 of an mp4 as (keep, 64, 64, 3) uint8, and the number of frames decoded."""
-    import imageio_ffmpeg
-
-    if not path.is_file():
-        raise DataError(f"{path}: missing")
-    frames = np.empty((keep, *FRAME_SHAPE), np.uint8)
-    decoded = 0
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(reader)
-        width, height = meta["size"]
-        if (height, width, 3) != FRAME_SHAPE:
-            raise DataError(f"{path}: frames are {width}x{height}, expected 64x64 (MineRL v0.4 data)")
-        for raw in reader:
-            if skip <= decoded < skip + keep:
-                frames[decoded - skip] = np.frombuffer(raw, np.uint8).reshape(FRAME_SHAPE)
-            decoded += 1
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: cannot decode ({type(exc).__name__}: {exc})") from exc
-    if decoded < skip + keep:
-        raise DataError(f"{path}: {decoded} frames decoded, need {skip + keep} "
-                        f"({skip} leading frames + {keep} steps)")
-    return frames, decoded
 
 
 def _column(key: str, value: np.ndarray, steps: int, path: Path) -> np.ndarray:
@@ -131,7 +104,7 @@ def convert_episode(src: str | Path, dest: str | Path, overwrite: bool = False) 
         raise DataError(f"{rendered_path}: {exc}") from exc
     observations = {k: _column(k, v, steps, rendered_path) for k, v in rendered.items() if k.startswith("observation$")}
 
-    frames, decoded = _read_video(src / VIDEO_FILE, skip, steps)
+    frames, decoded = read_video(src / VIDEO_FILE, skip, steps)
     write_episode(dest, frames, actions, rewards, observations or None, overwrite=overwrite)
     return {
         "src": str(src),
