@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamerv4.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dreamerv4.checkpoint import (checkpoint_stage, load_checkpoint, require_stage, rng_state, save_checkpoint,
+                                  set_rng_state)
 from dreamerv4.errors import CheckpointError
 
 
@@ -59,6 +60,32 @@ def test_arbitrary_objects_are_refused(tmp_path):
     torch.save({"x": Custom()}, path)
     with pytest.raises(CheckpointError, match="obj.pt"):
         load_checkpoint(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"{path}: not a dreamerv4 checkpoint (it holds Python objects, which are not loaded " \
+        "for safety)"  # not torch's advice to load it with weights_only=False
+
+
+def test_checkpoint_stage_reads_the_weights_and_require_stage_names_both():
+    from dreamerv4.config import from_dict
+    from dreamerv4.models.agent import AgentConfig, AgentModel
+    from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel
+    from dreamerv4.models.tokenizer import Tokenizer, TokenizerConfig
+
+    net = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
+    tokenizer = Tokenizer(from_dict(TokenizerConfig, {"patch_size": 16, "encoder": net, "decoder": net}))
+    dynamics = DynamicsModel(from_dict(DynamicsConfig, {"transformer": net}))
+    agent = AgentModel(dynamics, from_dict(AgentConfig, {"mtp_length": 2, "head_hidden": 16}))
+    assert checkpoint_stage({"model": tokenizer.state_dict()}) == "tokenizer"
+    assert checkpoint_stage({"model": dynamics.state_dict(), "extra": {"tokenizer": {}}}) == "dynamics"
+    assert checkpoint_stage({"model": agent.state_dict(), "extra": {"bc": {}}}) == "agent"
+    assert checkpoint_stage({"model": agent.state_dict(), "extra": {"prior": {}}}) == "imagine"
+    assert checkpoint_stage({"model": {"w": torch.zeros(1)}}) is None and checkpoint_stage({}) is None
+    ckpt = {"model": dynamics.state_dict()}
+    assert require_stage(ckpt, "x.pt", "dynamics") == "dynamics" and require_stage({}, "x.pt", "agent") is None
+    with pytest.raises(CheckpointError, match=r"^x.pt: a dynamics checkpoint \(written by `dreamerv4 train dynamics`\); "
+                       r"this command needs an agent checkpoint .* or an imagine checkpoint"):
+        require_stage(ckpt, "x.pt", "agent", "imagine")
 
 
 def test_rng_state_survives_a_checkpoint(tmp_path):

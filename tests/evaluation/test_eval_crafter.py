@@ -14,6 +14,7 @@ import torch
 from dreamerv4.checkpoint import save_checkpoint
 from dreamerv4.cli import main
 from dreamerv4.config import from_dict, to_dict
+from dreamerv4.errors import CheckpointError
 from dreamerv4.evaluation.crafter import AgentPolicy, evaluate_crafter
 from dreamerv4.models.agent import AgentModel
 from dreamerv4.models.dynamics import DynamicsModel
@@ -88,3 +89,19 @@ def test_agent_policy_keeps_a_capped_context_of_chunk_encoded_latents(tmp_path):
     expected = torch.from_numpy(encode_episode(policy.tokenizer, frames, policy.tokenizer_context))
     assert torch.allclose(torch.stack(policy.latents), expected[-4:], atol=1e-5)
     assert policy.prev_actions[1:] == actions[-4:-1]
+
+
+def test_a_checkpoint_of_another_stage_is_named_not_a_traceback(tmp_path, capsys):
+    from dreamerv4.evaluation.tokenizer import load_tokenizer
+    from dreamerv4.training.dynamics import load_dynamics
+
+    agent = make_agent_checkpoint(tmp_path / "run")
+    tokenizer = tmp_path / "run" / "tokenizer" / "checkpoint.pt"
+    assert main(["eval", "crafter", "--checkpoint", str(tokenizer), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{tokenizer}: a tokenizer checkpoint" in err and "needs an agent checkpoint" in err
+    with pytest.raises(CheckpointError, match="an agent checkpoint.*needs a tokenizer checkpoint"):
+        load_tokenizer(agent)
+    with pytest.raises(CheckpointError, match="a tokenizer checkpoint.*needs a dynamics checkpoint"):
+        load_dynamics(tokenizer)

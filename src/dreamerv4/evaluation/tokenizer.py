@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreamerv4.checkpoint import load_checkpoint
+from dreamerv4.checkpoint import load_checkpoint, require_stage
 from dreamerv4.config import from_dict
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import load_frames, load_observations
@@ -42,6 +42,7 @@ def load_tokenizer(checkpoint: str | Path, require_done: bool = False) -> tuple[
     """The tokenizer of a `train tokenizer` checkpoint, rebuilt from the run config stored inside it."""
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.get("config")
+    require_stage(ckpt, checkpoint, "tokenizer")  # another stage's checkpoint: say which
     if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "tokenizer" not in config:
         raise CheckpointError(f"{checkpoint}: not a `dreamerv4 train tokenizer` checkpoint (no training-loop "
                               "format or no run config with a tokenizer section inside)")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dreamerv4.checkpoint import load_checkpoint
+from dreamerv4.checkpoint import load_checkpoint, require_stage
 from dreamerv4.config import from_dict, load_config, to_dict
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset
@@ -72,6 +72,8 @@ def _run_config(path: str | Path, ckpt: dict, section: str) -> RunConfig:
     config = ckpt.get("config")
     if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or section not in config:
         raise CheckpointError(f"{path}: not a training-loop checkpoint with a {section!r} section in its run config")
+    if section == "agent":  # every run config has every section: the weights tell the stage
+        require_stage(ckpt, path, "agent", "imagine")  # another stage's checkpoint: say which
     return from_dict(RunConfig, config, f"{path}:config")
 
 

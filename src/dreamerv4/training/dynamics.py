@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamerv4.checkpoint import load_checkpoint
+from dreamerv4.checkpoint import load_checkpoint, require_stage
 from dreamerv4.config import from_dict, load_config, to_dict
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset, decode_latents, tokenizer_fingerprint
@@ -210,6 +210,7 @@ def load_dynamics(path: str | Path, require_done: bool = True) -> tuple[Dynamics
     training step)}. `require_done` refuses a run that stopped before finishing (see load_weights)."""
     ckpt = load_checkpoint(path)
     config, identity = ckpt.get("config"), ckpt.get("extra", {}).get("tokenizer")
+    require_stage(ckpt, path, "dynamics")  # another stage's checkpoint: say which
     if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "dynamics" not in config \
             or not isinstance(identity, dict):  # train dynamics keeps its tokenizer's identity
         raise CheckpointError(f"{path}: not a `dreamerv4 train dynamics` checkpoint")
