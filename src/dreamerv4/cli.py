@@ -15,6 +15,7 @@
     dreamerv4 eval crafter --checkpoint runs/x/agent/checkpoint.pt --episodes 100
     dreamerv4 train imagine --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 info params --config configs/minerl.yaml
+    dreamerv4 play --run runs/crafter-small [--port 8000]
 
 Handlers live next to the code they drive and are imported lazily ("module:function"), so
 `dreamerv4 --help` does not pay for importing torch. A handler takes the parsed arguments and
@@ -151,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="world-model context cap in frames (default: the agent's training seq_len)")
     p.add_argument("--greedy", action="store_true", help="take the policy's most likely action instead of sampling")
     p.set_defaults(handler="dreamerv4.evaluation.crafter:cmd_eval")
+
+    p = groups.add_parser("play", help="a local web page: play in the real game, the dream, side by side, or watch the agent")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="a `dreamerv4 run` folder (dynamics/, tokenizer/, and agent/ or imagine/ for agent mode)")
+    p.add_argument("--checkpoint", default=None,
+                   help="instead of --run: a dynamics checkpoint, or an agent/imagine checkpoint (its world model dreams)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the run's / the checkpoint's own)")
+    p.add_argument("--policy", default="auto", choices=["auto", "bc", "imagine"],
+                   help="agent of --run: imagine/ (RL in imagination), agent/ (behaviour cloning), auto: imagine if present")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the URL is printed)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="K shortcut steps per dream frame at start (default: the model's; the page can change it)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="model arithmetic (bf16: autocast)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="also load checkpoints whose training stopped before it finished")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser (off by default)")
+    p.set_defaults(handler="dreamerv4.play.server:cmd_play")
 
     info = groups.add_parser("info", help="inspect configs and models").add_subparsers(
         dest="info_command", required=True, metavar="WHAT"
