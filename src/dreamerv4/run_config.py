@@ -66,6 +66,7 @@ class ImagineStage:
     alpha: float = 0.5  # PMPO weight of the positive-advantage set (1 - alpha: the negative one)
     beta: float = 0.3  # weight of the reverse KL to the frozen behaviour-cloning policy
     value_weight: float = 1.0
+    fresh_value: bool = False  # start the value head from zero instead of the BC agent's (paper: trained in imagination)
     eval_episodes: int = 0  # real Crafter episodes every train.eval_every steps (0: no real-game evaluation)
     eval_seed: int = 200000  # first environment seed of those episodes (not eval crafter's 100000: no tuning on it)
     eval_max_steps: int = 10000  # episode length cap of those episodes (Crafter's own: 10000)

@@ -169,3 +169,22 @@ def test_cli_errors_are_one_line_with_status_2(tokenized, tiny_crafter_root, tmp
     (incomplete / MANIFEST_FILE).write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(DataError, match="stopped before it finished"):
         LatentSequenceDataset(incomplete, seq_len=4)
+
+
+def test_dataset_reads_the_recorded_deaths_as_terminals(tokenized, tmp_path):
+    out = Path(shutil.copytree(tokenized["out"], tmp_path / "latents"))
+    data = LatentSequenceDataset(out, seq_len=4, stride=4, val_fraction=0.0)
+    assert not any(bool(data[i]["terminals"].any()) for i in range(len(data)))  # 40-step episodes: time limit
+    episode = out / data.episode_names[0]
+    with np.load(episode / "observations.npz") as npz:
+        observations = {k: npz[k] for k in npz.files}
+    observations["terminal"][-1] = True  # the last step ended the episode by death
+    np.savez_compressed(episode / "observations.npz", **observations)
+    data = LatentSequenceDataset(out, seq_len=4, stride=4, val_fraction=0.0)
+    last = max(i for i in range(len(data)) if data.window(i)[0] == data.episode_names[0])
+    item = data[last]
+    assert item["terminals"].dtype == torch.bool and item["terminals"].tolist() == [False, False, False, True]
+    observations["terminal"] = observations["terminal"][:-1]
+    np.savez_compressed(episode / "observations.npz", **observations)
+    with pytest.raises(DataError, match="observations.npz: terminal has shape"):
+        LatentSequenceDataset(out, seq_len=4, stride=4, val_fraction=0.0)

@@ -47,6 +47,42 @@ def contexts(b: int = 4, c: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch
     return torch.rand(b, c, 16, 32, generator=g) * 2 - 1, torch.randint(0, 17, (b, c), generator=g)
 
 
+def test_continuation_off_means_no_termination_and_death_cuts_the_return():
+    agent = tiny_agent().eval()
+    latents, actions = contexts()
+    off = dataclasses.replace(agent.cfg, continue_weight=0.0)
+    agent.cfg = off
+    out = imagine(agent, latents, actions, horizon=3, steps=4, gamma=0.9, lam=0.5,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["continues"], torch.ones(4, 3))
+    assert torch.allclose(out["returns"], lambda_returns(out["imagined_rewards"], out["values"], gamma=0.9, lam=0.5))
+    # A head that reads every state as a death: R_t = r_t, nothing after the first step is alive.
+    agent.cfg = dataclasses.replace(off, continue_weight=1.0)
+    with torch.no_grad():
+        agent.continue_head.out.bias.fill_(-50.0)
+        agent.continue_head.out.weight.zero_()
+    dead = imagine(agent, latents, actions, horizon=3, steps=4, gamma=0.9, lam=0.5,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(dead["returns"], dead["imagined_rewards"], atol=1e-6)
+    assert torch.equal(dead["alive"] >= 0.5, torch.tensor([[True, False, False]]).expand(4, 3))
+    loss, metrics = imagination_loss(agent, PriorPolicy(agent), dead, ImagineStage())
+    assert torch.isfinite(loss) and float(metrics["alive_frac"]) == pytest.approx(1 / 3)
+
+
+def test_fresh_value_head_reads_zero():
+    from dreamerv4.training.imagine import reset_value_head
+
+    agent = tiny_agent()
+    hidden = torch.randn(5, 32)
+    with torch.no_grad():
+        agent.value_head.out.weight.normal_()
+    assert agent.two_hot.decode(agent.value(hidden)).abs().max() > 0.01
+    policy_before = {k: v.clone() for k, v in agent.policy_head.state_dict().items()}
+    reset_value_head(agent)
+    assert torch.allclose(agent.two_hot.decode(agent.value(hidden)), torch.zeros(5), atol=1e-6)
+    assert all(torch.equal(v, policy_before[k]) for k, v in agent.policy_head.state_dict().items())
+
+
 def test_imagine_output_dict_and_alignment():
     agent = tiny_agent().eval()
     latents, actions = contexts()
@@ -62,7 +98,11 @@ def test_imagine_output_dict_and_alignment():
     assert torch.allclose(out["imagined_rewards"], agent.two_hot.decode(agent.reward(hidden[:, 1:])))
     assert torch.allclose(out["values"], agent.two_hot.decode(agent.value(hidden)))
     assert out["imagined_rewards"].std() > 0  # rewards differ (the reward head is not zero here)
-    expected = lambda_returns(out["imagined_rewards"], out["values"], gamma=0.9, lam=0.5)
+    # c_t is the continuation head read at s_t (the state a_t is taken in); alive_t = prod_{k<t} c_k.
+    assert torch.allclose(out["continues"], torch.sigmoid(agent.continuation(hidden[:, :-1])))
+    assert torch.allclose(out["alive"][:, 0], torch.ones(4))
+    assert torch.allclose(out["alive"][:, 2], out["continues"][:, 0] * out["continues"][:, 1])
+    expected = lambda_returns(out["imagined_rewards"], out["values"], out["continues"], gamma=0.9, lam=0.5)
     assert torch.allclose(out["returns"], expected)
     assert torch.allclose(out["advantages"], expected - out["values"][:, :-1])
     # Seeded: the same rollout again; another seed gives other frames.

@@ -152,3 +152,16 @@ def test_pmpo_stats_and_bad_input():
         pmpo_loss(torch.zeros(4), torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="alpha"):
         pmpo_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4), alpha=1.5)
+
+
+def test_value_loss_mask_averages_only_the_kept_entries():
+    from dreamerv4.models.heads import TwoHot
+
+    two_hot = TwoHot(11, -2.0, 2.0)
+    logits = torch.randn(2, 3, 11)
+    returns = torch.randn(2, 3)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    per_entry = two_hot.loss(logits, returns)
+    assert torch.allclose(value_loss(logits, returns, two_hot, mask=mask), per_entry[mask].mean())
+    assert torch.allclose(value_loss(logits, returns, two_hot), per_entry.mean())
+    assert float(value_loss(logits, returns, two_hot, mask=torch.zeros(2, 3, dtype=torch.bool))) == 0.0

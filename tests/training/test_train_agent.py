@@ -75,6 +75,26 @@ def test_discounted_returns_and_value_targets(dynamics_run, tiny_crafter_root):
     assert torch.equal(item["returns"], torch.from_numpy(expected)) and torch.equal(item["rewards"], data[3]["rewards"])
 
 
+def test_continuation_targets_come_from_terminals():
+    from dreamerv4.models.agent import AgentConfig, AgentModel
+    from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel
+    from dreamerv4.models.transformer import TransformerConfig
+    from dreamerv4.training.agent import agent_losses
+
+    stack = TransformerConfig(embed_dim=16, depth=2, num_heads=2, num_kv_heads=2, time_every=2, num_registers=1)
+    model = AgentModel(DynamicsModel(DynamicsConfig(transformer=stack)), AgentConfig(mtp_length=2))
+    actions, rewards = torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 3)
+    terminals = torch.tensor([[False, False, True]])  # the last step ended the episode by death: target 0
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    out = model(torch.zeros(1, 3, 16, 32), actions)
+    out["continue_logits"] = logits
+    losses = agent_losses(model, out, actions, rewards, terminals=terminals)
+    p = torch.sigmoid(logits)[0]
+    expected = -(torch.log(p[0]) + torch.log(p[1]) + torch.log(1 - p[2])) / 3
+    assert torch.allclose(losses["continue_nll"], expected)
+    assert "continue_nll" not in agent_losses(model, out, actions, rewards)  # continue_weight 0: no target
+
+
 def test_bc_and_reward_losses_fall(dynamics_run, tmp_path):
     # The explore policy holds its moves for several steps, so the action that led to a frame (which
     # the agent token reads) predicts the next one: a learnable behaviour even for a tiny model.
@@ -93,7 +113,7 @@ def test_bc_and_reward_losses_fall(dynamics_run, tmp_path):
     assert first["bc_nll"] > 2.5  # about ln 17 = 2.83 at the start: the policy head starts near uniform
     assert last["bc_nll"] < first["bc_nll"] - 0.5, (first["bc_nll"], last["bc_nll"])
     assert last["reward_nll"] < first["reward_nll"] - 1.0
-    assert np.isfinite(last["video_loss"]) and "value_nll" in last
+    assert np.isfinite(last["video_loss"]) and "value_nll" in last and "continue_nll" in last
 
 
 def test_resume_is_bitwise_exact_and_checkpoint_rebuilds_the_agent(dynamics_run, tiny_crafter_root, tmp_path):

@@ -12,6 +12,8 @@ train/validation split, `data/dataset.py`):
                                    episodes {name: length}, complete
     <episode>/latents.npy          (T, 16, 32) float32, the tokenizer's latents of frames.npy
     <episode>/actions.npz, rewards.npy, observations.npz (when present): copied byte for byte
+Items also carry `terminals` (seq_len,) bool: the step ended the episode by the player's death
+(observations.npz `terminal`, recorded for Crafter; all False when an episode has none).
 A dataset therefore knows which tokenizer made it: `train dynamics` refuses latents whose
 fingerprint differs from the tokenizer checkpoint it decodes with.
 
@@ -49,8 +51,8 @@ from dreamerv4.actions import get_action_space, layout_of
 from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.data.dataset import Split, split_episodes, window_starts
 from dreamerv4.data.episodes import (
-    ACTIONS_FILE, OBSERVATIONS_FILE, REWARDS_FILE, episode_name, find_episodes, load_actions, load_frames,
-    load_rewards, publish_folder, read_episode_info,
+    ACTIONS_FILE, OBSERVATIONS_FILE, REWARDS_FILE, episode_name, find_episodes, has_observations, load_actions,
+    load_frames, load_rewards, publish_folder, read_episode_info,
 )
 from dreamerv4.errors import DataError, UserError
 
@@ -154,6 +156,23 @@ class LatentEpisodeInfo:
     length: int
     codes: np.ndarray  # (T,) int64 packed action codes
     rewards: np.ndarray  # (T,) float32
+    terminals: np.ndarray  # (T,) bool, True where the step ended the episode by death
+
+
+def _terminals(episode: Path, length: int) -> np.ndarray:
+    """observations.npz `terminal` as (T,) bool, or all False when the episode records none."""
+    if not has_observations(episode):
+        return np.zeros(length, bool)
+    try:
+        with np.load(episode / OBSERVATIONS_FILE, allow_pickle=False) as npz:
+            if "terminal" not in npz.files:
+                return np.zeros(length, bool)
+            terminal = npz["terminal"]
+    except Exception as exc:
+        raise DataError(f"{episode / OBSERVATIONS_FILE}: unreadable or truncated ({type(exc).__name__}: {exc})") from exc
+    if terminal.shape != (length,):
+        raise DataError(f"{episode / OBSERVATIONS_FILE}: terminal has shape {terminal.shape}, expected ({length},)")
+    return terminal.astype(bool)
 
 
 def read_latent_episode(episode: str | Path, action_space: str, shape: tuple[int, int]) -> LatentEpisodeInfo:
@@ -175,14 +194,15 @@ def read_latent_episode(episode: str | Path, action_space: str, shape: tuple[int
     lengths = {LATENTS_FILE: len(latents), ACTIONS_FILE: len(codes), REWARDS_FILE: len(rewards)}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{episode}: lengths differ ({', '.join(f'{k} {n}' for k, n in lengths.items())})")
-    return LatentEpisodeInfo(episode, len(latents), codes, rewards)
+    return LatentEpisodeInfo(episode, len(latents), codes, rewards, _terminals(episode, len(latents)))
 
 
 class LatentSequenceDataset(Dataset):
     """Windows of `seq_len` steps of a latent folder, with SequenceDataset's windows and split
     (`window_starts`, `split_episodes`: the same episode names land on the same side).
 
-    Item i: latents (seq_len, L, C) float32, actions (seq_len,) int64, rewards (seq_len,) float32.
+    Item i: latents (seq_len, L, C) float32, actions (seq_len,) int64, rewards (seq_len,) float32,
+    terminals (seq_len,) bool.
     Every episode is checked when the dataset is built (DataError naming the file); `manifest` is the
     folder's manifest (the tokenizer that made it). Latents are memory-mapped lazily per process.
     """
@@ -250,6 +270,7 @@ class LatentSequenceDataset(Dataset):
             "latents": torch.from_numpy(np.array(self._latents[episode][start:stop], dtype=np.float32)),
             "actions": torch.from_numpy(info.codes[start:stop].copy()),
             "rewards": torch.from_numpy(info.rewards[start:stop].copy()),
+            "terminals": torch.from_numpy(info.terminals[start:stop].copy()),
         }
 
     def __repr__(self) -> str:

@@ -6,6 +6,7 @@ DreamerV4 section 3.3; design.md 3).
     out["policy_logits"]   (B,T,A)     A = 17 (Crafter) or 144 (MineRL), offset 0
     out["reward_logits"]   (B,T,255)   offset 0
     out["value_logits"]    (B,T,255)
+    out["continue_logits"] (B,T)       logit of P(the episode goes on after the action taken at frame t)
     out["policy_logits_mtp"] (B,T,L,A), out["reward_logits_mtp"] (B,T,L,255)   all L offsets
     out["predicted_latents"], out["noisy_latents"] (B,T,16,32)    the world model's output, unchanged
     out["agent_hidden"]    (B,T,width)  the agent tokens' transformer output (mean over agent tokens)
@@ -35,6 +36,11 @@ to it). With MTP offsets n = 0..L-1 (L = cfg.mtp_length):
   This deliberately differs from reading rewards[t] at frame t: that reward depends on the action not
   yet taken, so in imagination the sampled action's reward would never reach its own return.
 - value at frame t: the return from frame t onwards, sum_k gamma^k rewards[t + k] (Phase 3 trains it).
+- continuation at frame t: 1 - terminals[t], whether the episode goes on after the action taken at
+  frame t (DreamerV4 Eq. 10's c_t). Read at frame t, not t+1 like the reward, because recordings
+  drop the frame after the last step, so no frame shows a death that already happened. In Crafter
+  death follows from the state on screen (health, a zombie next to the player), rarely from the
+  action itself. Phase 3 uses c_t = sigmoid(continue logit at s_t) in the lambda-returns.
 `mtp_targets` builds these targets from a dataset window.
 
 Imagination / closed loop (`AgentRollout`, built on `dynamics.Rollout` semantics with a KVCache):
@@ -77,6 +83,7 @@ class AgentConfig:
     video_weight: float = 1.0  # the shortcut-forcing video-prediction loss stays on (paper)
     value_weight: float = 1.0  # value head on the behaviour policy's discounted return-to-go (0: off)
     value_gamma: float = 0.997  # discount of that return (Phase 3's gamma)
+    continue_weight: float = 1.0  # continuation head on the recorded terminal flags (0: off, c_t = 1 in Phase 3)
 
     def __post_init__(self) -> None:
         if self.num_agent_tokens < 1 or self.mtp_length < 1 or self.head_layers < 0 or self.head_hidden < 0:
@@ -86,7 +93,7 @@ class AgentConfig:
                              f"[{self.bin_low}, {self.bin_high}]")
         if not 0.0 <= self.value_gamma <= 1.0:
             raise ValueError(f"value_gamma must be in [0, 1], got {self.value_gamma}")
-        for name in ("bc_weight", "reward_weight", "video_weight", "value_weight"):
+        for name in ("bc_weight", "reward_weight", "video_weight", "value_weight", "continue_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -125,6 +132,9 @@ class AgentModel(nn.Module):
         self.policy_head = MLPHead(width, hidden, length * logits, cfg.head_layers)
         self.reward_head = MLPHead(width, hidden, length * cfg.num_bins, cfg.head_layers, zero_init=True)
         self.value_head = MLPHead(width, hidden, cfg.num_bins, cfg.head_layers, zero_init=True)
+        self.continue_head = MLPHead(width, hidden, 1, cfg.head_layers, zero_init=True)
+        with torch.no_grad():  # start at P(continue) ~ 0.99: deaths are rare (about one step in 200)
+            self.continue_head.out.bias.fill_(5.0)
         self.two_hot = TwoHot(cfg.num_bins, cfg.bin_low, cfg.bin_high)
 
     @classmethod
@@ -189,6 +199,16 @@ class AgentModel(nn.Module):
         """(..., width) -> two-hot logits (..., bins) of the return from this frame on."""
         return self.value_head(hidden).float()
 
+    def continuation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> logit (...) float32 that the episode goes on after the action taken at this frame."""
+        return self.continue_head(hidden).float()[..., 0]
+
+    def continue_prob(self, hidden: torch.Tensor) -> torch.Tensor:
+        """c_t in [0, 1] (...) for the lambda-returns; exactly 1 when the head is off (continue_weight 0)."""
+        if self.cfg.continue_weight == 0:
+            return torch.ones(hidden.shape[:-1], device=hidden.device)
+        return torch.sigmoid(self.continuation(hidden))
+
     # -- the seed's output dict --------------------------------------------------------------------
 
     def forward(
@@ -218,6 +238,7 @@ class AgentModel(nn.Module):
             "policy_logits": policy[:, :, 0],
             "reward_logits": reward[:, :, 0],
             "value_logits": self.value(hidden),
+            "continue_logits": self.continuation(hidden),
             "policy_logits_mtp": policy,
             "reward_logits_mtp": reward,
             "predicted_latents": self.dynamics.from_model(predicted),
@@ -302,3 +323,6 @@ class AgentRollout:
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.value(hidden)
+
+    def continuation(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.continuation(hidden)

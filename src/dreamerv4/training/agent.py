@@ -22,12 +22,14 @@ itself (training/loss_norm.py) so that no term wins by scale, then weighted (age
 - value: two-hot cross-entropy of the behaviour policy's discounted return-to-go in the recorded
   episode, sum_k gamma^k rewards[t+k] (gamma = agent.model.value_gamma; Monte Carlo, truncated at
   the recording's end), a starting point for Phase 3's critic (value_weight 0 switches it off).
+- continue: binary cross-entropy of the continuation logit at frame t against 1 - terminals[t] (the
+  recorded deaths; models/agent.py ALIGNMENT), Phase 3's c_t (continue_weight 0 switches it off).
 Which frames the agent reads: its own pass over the window with every frame noised to the context
 signal level with d_min (tau = dynamics.model.context_signal, e.g. 58/64), the exact input it gets
 at play time (`AgentRollout.observe`) and in imagination. Reading the video loss's pass instead
 would show the heads frames at random tau down to pure noise, which play never produces.
 
-Logged: loss; video_loss (+ flow/bootstrap parts), bc_nll, reward_nll, value_nll (unnormalized);
+Logged: loss; video_loss (+ flow/bootstrap parts), bc_nll, reward_nll, value_nll, continue_nll (unnormalized);
 bc_nll_0 and action_acc_0 (offset 0, the action taken now); reward_mae_0; and every
 `train.eval_every` steps the same offset-0 numbers on fixed validation windows (val_*).
 """
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dreamerv4.checkpoint import load_checkpoint, require_stage
@@ -126,7 +129,7 @@ class WithReturns(Dataset):
 
 
 def agent_losses(model: AgentModel, out: dict, actions: torch.Tensor, rewards: torch.Tensor,
-                 returns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 returns: torch.Tensor | None = None, terminals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The heads' terms of a window (unnormalized; module docstring) plus offset-0 diagnostics."""
     targets = mtp_targets(actions, rewards, model.cfg.mtp_length)
     action_valid, reward_valid = targets["action_valid"].float(), targets["reward_valid"].float()
@@ -145,6 +148,10 @@ def agent_losses(model: AgentModel, out: dict, actions: torch.Tensor, rewards: t
             else torch.zeros(())
     if returns is not None:
         losses["value_nll"] = model.two_hot.loss(out["value_logits"], returns).mean()
+    if terminals is not None:
+        losses["continue_nll"] = F.binary_cross_entropy_with_logits(out["continue_logits"], 1.0 - terminals.float())
+        with torch.no_grad():
+            losses["death_frac"] = terminals.float().mean()
     return losses
 
 
@@ -170,18 +177,21 @@ def train_agent(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     torch.manual_seed(stage.train.seed)
     model = AgentModel(dynamics, stage.model)
     weights = stage.model
-    norms = {name: RunningRMS() for name in ("video", "bc", "reward", "value")}
+    norms = {name: RunningRMS() for name in ("video", "bc", "reward", "value", "continue")}
     device = resolve_device(stage.train)
 
     def loss_fn(model: AgentModel, batch: dict) -> tuple[torch.Tensor, dict]:
         latents_, actions, rewards = batch["latents"], batch["actions"], batch["rewards"]
         video, video_metrics = shortcut_forcing_loss(model.dynamics, latents_, actions)
         out = model(latents_, actions)
-        losses = agent_losses(model, out, actions, rewards, batch["returns"] if weights.value_weight > 0 else None)
+        losses = agent_losses(model, out, actions, rewards, batch["returns"] if weights.value_weight > 0 else None,
+                              batch["terminals"] if weights.continue_weight > 0 else None)
         loss = weights.video_weight * norms["video"](video) + weights.bc_weight * norms["bc"](losses["bc_nll"]) \
             + weights.reward_weight * norms["reward"](losses["reward_nll"])
         if weights.value_weight > 0:
             loss = loss + weights.value_weight * norms["value"](losses["value_nll"])
+        if weights.continue_weight > 0:
+            loss = loss + weights.continue_weight * norms["continue"](losses["continue_nll"])
         metrics = {k: v.detach() for k, v in losses.items()}
         metrics.update(video_loss=video.detach(), flow_loss=video_metrics["flow_loss"],
                        bootstrap_loss=video_metrics["bootstrap_loss"], x_mse=video_metrics["x_mse"])

@@ -13,11 +13,15 @@ one the agent was trained on). Each step:
    the reward for a_t is read at s_{t+1}: r_t = reward(h_{t+1}); v_t = value(h_t), t = 0..H.
    The transformer never sees more than `imagine.max_context` frames at once (default
    agent.train.seq_len, the windows the agent was trained on): a full context restarts from its last
-   half, exactly as the real-game policy of `dreamerv4 eval crafter` does. Continuation c_t = 1
-   (no termination model; Crafter's deaths show up as the health part of the reward).
-2. `lambda_returns` with gamma, lam, bootstrapped from v_H; advantages A_t = R_t - v_t (t < H).
+   half, exactly as the real-game policy of `dreamerv4 eval crafter` does. Continuation
+   c_t = sigmoid(continuation(h_t)), the agent's head trained on the recorded deaths (Eq. 10; exactly
+   1 when agent.model.continue_weight is 0).
+2. `lambda_returns` with gamma, lam and c_t, bootstrapped from v_H; advantages A_t = R_t - v_t (t < H).
 3. `pmpo_loss` on ln pi(a_t | s_t) with the reverse KL(pi || prior) to a frozen copy of the BC policy
-   head (alpha, beta), plus value_weight x two-hot cross-entropy of value(h_t) against sg(R_t).
+   head (alpha, beta), plus value_weight x two-hot cross-entropy of value(h_t) against sg(R_t). Steps
+   after an imagined death (alive_t = prod_{k<t} c_k below 0.5) count in neither loss.
+   With imagine.fresh_value the value head starts from zero (the paper's critic learns in imagination
+   only) instead of the BC agent's head, which was fitted to the recording policy's Monte Carlo returns.
 Only the policy and value heads train (their inputs are the detached agent readouts); the
 transformer, the world model, the agent tokens and the reward head are frozen. The checkpoint's model
 is the whole AgentModel (so `load_agent` and `dreamerv4 eval crafter` read it like an agent
@@ -26,7 +30,8 @@ checkpoint); the prior head is extra state. The run config saved with it has the
 
 Writes `<out_dir>/imagine/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/. Logged: imagined_return
 (mean R_t), imagined_reward (mean sum of r_t over the horizon), adv_pos_frac (|D+|/N) and
-adv_neg_frac, kl_prior, value_error (mean |v_t - R_t|), policy_loss, value_loss, entropy; with
+adv_neg_frac, kl_prior, value_error (mean |v_t - R_t|), policy_loss, value_loss, entropy,
+continue_mean (mean c_t) and alive_frac (share of steps that count); with
 `imagine.eval_episodes` > 0 and `train.eval_every` > 0, crafter_return and crafter_score of that many
 real-game episodes every eval_every steps, played as `dreamerv4 eval crafter` plays them but from
 `imagine.eval_seed` (default 200000, apart from eval crafter's 100000 so monitoring never tunes on it).
@@ -51,6 +56,7 @@ from dreamerv4.data.latents import LatentSequenceDataset
 from dreamerv4.errors import ConfigError
 from dreamerv4.models.agent import AgentModel, AgentRollout
 from dreamerv4.models.dynamics import NO_ACTION, previous_actions
+from dreamerv4.models.heads import MLPHead
 from dreamerv4.run_config import ImagineStage, RunConfig
 from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.returns import lambda_returns, pmpo_loss, value_loss
@@ -77,6 +83,13 @@ def freeze_for_imagination(agent: AgentModel) -> list[str]:
     return [name for name, p in agent.named_parameters() if p.requires_grad]
 
 
+def reset_value_head(agent: AgentModel) -> None:
+    """Start the critic from scratch: a fresh value head (zero output layer: every value reads 0)."""
+    fresh = MLPHead(agent.width, agent.cfg.head_hidden or agent.width, agent.cfg.num_bins, agent.cfg.head_layers,
+                    zero_init=True)
+    agent.value_head.load_state_dict(fresh.state_dict())
+
+
 @torch.no_grad()
 def imagine(
     agent: AgentModel,
@@ -98,6 +111,8 @@ def imagine(
       imagined_actions (B,H)      a_t sampled from the policy at s_t (s_0 the last context frame)
       imagined_rewards (B,H)      r_t, the reward for a_t (read at s_{t+1})
       returns, advantages (B,H)   R_t (lambda-returns) and R_t - v_t
+      continues (B,H)             c_t, the probability that the episode goes on after a_t
+      alive (B,H)                 prod_{k<t} c_k, the probability that s_t is reached alive
     plus values (B,H+1) v(s_0..s_H) and agent_hidden (B,H+1,width), the agent readouts of s_0..s_H
     (inputs for the heads' losses). All noise and action draws come from `generator` (or the global RNG).
     max_frames: the most frames the transformer sees in one sequence (None: no cap), e.g. the window
@@ -136,13 +151,17 @@ def imagine(
     agent_hidden = torch.stack(hiddens, dim=1).float()
     rewards = agent.two_hot.decode(agent.reward(agent_hidden[:, 1:]))
     values = agent.two_hot.decode(agent.value(agent_hidden))
-    returns = lambda_returns(rewards, values, gamma=gamma, lam=lam)
+    continues = agent.continue_prob(agent_hidden[:, :-1])
+    alive = torch.cumprod(torch.cat((torch.ones_like(continues[:, :1]), continues[:, :-1]), dim=1), dim=1)
+    returns = lambda_returns(rewards, values, continues, gamma=gamma, lam=lam)
     return {
         "imagined_latents": torch.stack(latents, dim=1).float(),
         "imagined_actions": torch.stack(actions, dim=1),
         "imagined_rewards": rewards,
         "advantages": returns - values[:, :-1],
         "returns": returns,
+        "continues": continues,
+        "alive": alive,
         "values": values,
         "agent_hidden": agent_hidden,
     }
@@ -159,9 +178,11 @@ def imagination_loss(
     with torch.no_grad():
         prior_logits = prior(hidden)
     kl = space.kl(logits, prior_logits)
-    policy_loss, stats = pmpo_loss(log_probs, rollout["advantages"], kl, alpha=stage.alpha, beta=stage.beta)
+    alive = rollout["alive"] >= 0.5
+    policy_loss, stats = pmpo_loss(log_probs, rollout["advantages"], kl, alpha=stage.alpha, beta=stage.beta,
+                                   mask=alive)
     value_logits = agent.value(hidden)
-    v_loss = value_loss(value_logits, rollout["returns"], agent.two_hot)
+    v_loss = value_loss(value_logits, rollout["returns"], agent.two_hot, mask=alive)
     loss = policy_loss + stage.value_weight * v_loss
     with torch.no_grad():
         metrics = {
@@ -174,6 +195,8 @@ def imagination_loss(
             "policy_loss": policy_loss.detach(),
             "value_loss": v_loss.detach(),
             "entropy": space.entropy(logits).mean(),
+            "continue_mean": rollout["continues"].mean(),
+            "alive_frac": alive.float().mean(),
         }
     return loss, metrics
 
@@ -207,6 +230,8 @@ def train_imagine(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     if stage.train.seq_len >= max_frames:
         raise ConfigError(f"imagine.train.seq_len ({stage.train.seq_len}, the real context) must be below "
                           f"imagine.max_context ({max_frames}; 0 means agent.train.seq_len)")
+    if stage.fresh_value:
+        reset_value_head(agent)
     freeze_for_imagination(agent)
     prior = PriorPolicy(agent)
     torch.manual_seed(stage.train.seed)

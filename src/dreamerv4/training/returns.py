@@ -109,10 +109,16 @@ class TwoHotLike(Protocol):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> Any: ...
 
 
-def value_loss(value_logits: torch.Tensor, returns: torch.Tensor, two_hot: TwoHotLike) -> torch.Tensor:
-    """Mean two-hot cross-entropy of value_logits (..., bins) against the stop-gradient returns (...)."""
+def value_loss(value_logits: torch.Tensor, returns: torch.Tensor, two_hot: TwoHotLike,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean two-hot cross-entropy of value_logits (..., bins) against the stop-gradient returns (...),
+    over the entries where `mask` (...) is True (None: all; an empty mask gives 0)."""
     if value_logits.shape[:-1] != returns.shape:
         raise ValueError(
             f"value_logits (..., bins) must match returns {tuple(returns.shape)}, got {tuple(value_logits.shape)}"
         )
-    return two_hot.loss(value_logits.float(), returns.detach().float()).mean()
+    nll = two_hot.loss(value_logits.float(), returns.detach().float())
+    if mask is None:
+        return nll.mean()
+    valid = mask.float()
+    return (nll * valid).sum() / valid.sum().clamp_min(1.0)
