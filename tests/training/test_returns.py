@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreamerv4.actions import get_action_space
-from dreamerv4.training.returns import lambda_returns, pmpo_loss
+from dreamerv4.training.returns import lambda_returns, pmpo_loss, value_loss
 
 
 def test_lambda_returns_by_hand_three_steps():
