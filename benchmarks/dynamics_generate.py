@@ -9,7 +9,7 @@ What is timed is what imagination does per frame (models/dynamics.py `Rollout.st
 (K = 4 shortcut steps, each one transformer pass over the new frame after the context) followed by
 `observe` (the finished frame re-noised into the context: with the cache one more one-frame pass
 that appends its keys/values, without it a concatenation). With the cache every pass reads the
-cached context; without it every pass re-runs the whole context. The model is the seed config
+cached context; without it every pass re-runs the whole context. The model is the reference config
 (configs/minerl.yaml sizes: width 256, 6 layers, 8 heads, 4 registers, a time layer every 4th
 layer, 16 latents x 32, MineRL actions), randomly initialised (speed does not depend on weights).
 
@@ -60,7 +60,7 @@ SEED_CONFIG = Path(__file__).parent.parent / "configs" / "minerl.yaml"
 
 
 def seed_dynamics_config() -> tuple[DynamicsConfig, str]:
-    """The dynamics section of configs/minerl.yaml when it has one, else the seed's numbers
+    """The dynamics section of configs/minerl.yaml when it has one, else the reference numbers
     (the tokenizer's stack sizes) with the yaml's action space."""
     import yaml
 
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kv-heads", type=int, default=0,
                         help="key/value heads of every attention layer (grouped-query attention, as in the "
-                             "paper); 0: the config's (the seed: 8, one per query head)")
+                             "paper); 0: the config's (the reference: 8, one per query head)")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -12,8 +12,8 @@ malloc tuned as the loop does (`tune_malloc`) unless --untuned-malloc.
 Latents and actions are random; tau, d and the noise are drawn from a generator seeded per step,
 so every run times the same sequence of steps.
 
-The model is the seed config (see benchmarks/dynamics_generate.py `seed_dynamics_config`: the
-dynamics section of configs/minerl.yaml, or the seed's numbers, width 256, 6 layers, 8 heads). Each
+The model is the reference config (see benchmarks/dynamics_generate.py `seed_dynamics_config`: the
+dynamics section of configs/minerl.yaml, or the reference numbers, width 256, 6 layers, 8 heads). Each
 precision runs in a fresh subprocess (its own peak RSS); the bf16 matmul peak is measured in the
 same process before and after the steps (benchmarks/tokenizer_step.py `matmul_peak`), and
 utilization = model FLOP/s / that peak. Model FLOPs are counted with FlopCounterMode over one full

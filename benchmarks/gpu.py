@@ -7,7 +7,7 @@ Sections of benchmarks/results/gpu.json:
 - correctness: the same weights on CPU and on CUDA in fp32: `attention` (soft cap, grouped-query
   heads, causal, a boolean mask, a bias; outputs and gradients), the tokenizer forward, the
   shortcut-forcing loss with its gradients; and on CUDA, cached against uncached generation.
-- attention: forward+backward milliseconds, bf16, at the seed tokenizer's shapes (space layers:
+- attention: forward+backward milliseconds, bf16, at the reference tokenizer's shapes (space layers:
   256 frames x 8 heads x 84 tokens; time layers: 1344 streams x 8 heads x 16 frames, causal) of what
   `attention` runs on CUDA now (`dispatch`), the same formula in plain PyTorch ops, FlexAttention with
   the soft cap as a score_mod (compiled), and PyTorch's fused SDPA without the cap (it computes

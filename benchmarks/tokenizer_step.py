@@ -58,7 +58,7 @@ from dreamerv4.training.loss_norm import RunningRMS
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer_step.json"
 PEAK_SIZES = (512, 1024, 2048)
-LPIPS_WEIGHT = 0.2  # TokenizerStage.lpips_weight default (the seed's 0.2)
+LPIPS_WEIGHT = 0.2  # TokenizerStage.lpips_weight default (the paper's 0.2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
     parts = space.unpack(torch.as_tensor(codes))   # {"keys": ..., "camera": ..., "item": ...}
     logp = space.log_prob(policy_logits, codes)     # policy_logits (..., space.num_logits)
 
-MineRL (design.md section 1): 144 logits = [8 key logits | 121 camera | 15 items].
+MineRL (docs/design.md, Action space): 144 logits = [8 key logits | 121 camera | 15 items].
 - keys: 8 independent Bernoulli bits (KEYS order), packed as a bitfield 0..255 (bit i = KEYS[i]).
 - camera: one categorical over 11 x 11 classes; pitch and yaw are each clipped to +-10 degrees, mu-law
   encoded (mu = 10) and rounded to 11 bins (VPT's camera_maxval=10, camera_binsize=2, camera_mu=10);

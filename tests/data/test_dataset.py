@@ -1,4 +1,4 @@
-"""SequenceDataset: the seed's batch contract, real actions reaching the batch, splits, workers."""
+"""SequenceDataset: the batch contract (docs/design.md, Data contract), real actions reaching the batch, splits, workers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""STAGE 1 of the seed: fixed-length windows of episodes as training items (MineRLDataset).
+"""Stage 1 of the pipeline (docs/design.md, Data contract): fixed-length windows of episodes as training items (MineRLDataset).
 
     ds = SequenceDataset("data/crafter", seq_len=16, stride=8, split="train")
     loader = make_dataloader(ds, batch_size=16, num_workers=2)
@@ -200,7 +200,7 @@ class SequenceDataset(Dataset):
                 f"skipped_short={len(self.skipped_short)})")
 
 
-MineRLDataset = SequenceDataset  # the seed's name for it
+MineRLDataset = SequenceDataset  # the name the reference pipeline gives it
 
 
 class RepeatedWindows(Dataset):
@@ -240,7 +240,7 @@ def make_dataloader(
     drop_last: bool = True,
     sampler: Sampler | None = None,
 ) -> DataLoader:
-    """Batches in the seed's shapes: frames (B, T, 3, 64, 64), actions (B, T), rewards (B, T).
+    """Batches in the reference pipeline's shapes (docs/design.md, Data contract): frames (B, T, 3, 64, 64), actions (B, T), rewards (B, T).
     `seed` fixes the shuffling order; pass a `sampler` to choose the windows yourself."""
     return DataLoader(
         dataset,

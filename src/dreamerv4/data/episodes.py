@@ -1,6 +1,6 @@
 """Episode folders: find, read (frames memory-mapped), write (atomically) and validate them.
 
-An episode folder holds (design.md section 1):
+An episode folder holds (docs/design.md, Data contract):
     frames.npy        (T, 64, 64, 3) uint8
     actions.npz       MineRL keys (`action$forward`, ..., `action$camera` (T, 2) degrees, optional enum
                       keys) or, for Crafter, `action` (T,) int64 in 0..16

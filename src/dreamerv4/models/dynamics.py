@@ -4,7 +4,7 @@ It predicts clean tokenizer latents (x-prediction) from noisy ones, frame by fra
 time, on the shared `SpaceTimeTransformer`. Each frame is 2 + num_latents tokens (the transformer
 adds its registers):
     [action token | (tau, d) token | latent_1 ... latent_16]
-- action token: the action that *led to* this frame. Data alignment (design.md 1): actions[t] is
+- action token: the action that *led to* this frame. Data alignment (docs/design.md, Data contract): actions[t] is
   taken after seeing frames[t], so frame t is conditioned on actions[t - 1]. `previous_actions`
   does that shift; frames without a known previous action (the first frame of a window, single
   training frames, a first generated frame) get a learned "no action" embedding (code NO_ACTION).
@@ -21,7 +21,7 @@ The read-out is a linear map width -> 32 of the latent tokens: the predicted cle
     out["predicted_latents"], out["noisy_latents"]   # tau, d (B,T) per frame -> both (B,T,16,32)
     future = model.generate(context_latents, context_actions, future_actions)   # (B,H,16,32)
 
-Noising (design.md 3): z~ = (1 - tau) z0 + tau z1, z0 ~ N(0, I) noise, z1 the data (`add_noise`).
+Noising (docs/design.md, Models): z~ = (1 - tau) z0 + tau z1, z0 ~ N(0, I) noise, z1 the data (`add_noise`).
 The training objective lives in `training/shortcut.py`.
 
 Latent scale: the tokenizer's tanh latents have a std near 0.26 on Crafter, against unit noise, so
@@ -107,7 +107,7 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def add_noise(clean: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
-    """z~ = (1 - tau) z0 + tau z1 (design.md 3): clean z1 and noise z0 (B,T,L,C), tau (B,T) or a float."""
+    """z~ = (1 - tau) z0 + tau z1 (docs/design.md, Models): clean z1 and noise z0 (B,T,L,C), tau (B,T) or a float."""
     if isinstance(tau, torch.Tensor):
         tau = tau[..., None, None].to(clean.dtype)
     return (1.0 - tau) * noise + tau * clean

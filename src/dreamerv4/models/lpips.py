@@ -9,7 +9,7 @@ we only find its folder. `DREAMERV4_LPIPS_WEIGHTS` (a folder holding the .ckpt f
     dist = LPIPS("alexnet")(images_a, images_b)  # (N,3,H,W) in [0,1] -> (N,)
 
 Parameters are frozen and the module stays in eval mode; gradients flow to the inputs, so it
-serves as the tokenizer's perceptual loss. Reference distances: ../shared/fixtures/lpips/README.md.
+serves as the tokenizer's perceptual loss. Reference distances of the original release: tests/models/test_lpips.py (REFERENCE).
 """
 
 from __future__ import annotations

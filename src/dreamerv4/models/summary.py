@@ -1,10 +1,10 @@
-"""`dreamerv4 info params`: parameter counts of the configured models, next to the seed's arithmetic.
+"""`dreamerv4 info params`: parameter counts of the configured models, next to the reference arithmetic.
 
     dreamerv4 info params --config configs/crafter-small.yaml [tokenizer.model.encoder.depth=4 ...]
 
 Prints, for the tokenizer, every top-level module, each transformer stack and one layer split
 into attention, QKNorm, SwiGLU and norms, then compares with the per-layer and per-stack numbers
-quoted in seed-pipeline.txt (~1.28M per layer, ~7.7M per 6-layer stack at width 256) and says
+of the reference arithmetic this project started from (docs/design.md, Reference sizes: ~1.28M per layer, ~7.7M per 6-layer stack at width 256) and says
 where each difference comes from.
 """
 
@@ -20,7 +20,7 @@ from dreamerv4.models.tokenizer import Tokenizer, TokenizerConfig
 from dreamerv4.models.transformer import Block, SpaceTimeTransformer, TransformerConfig
 from dreamerv4.run_config import RunConfig
 
-# Quoted from seed-pipeline.txt ("Transformer Model Dimensions"), for embed_dim 256, depth 6.
+# The reference arithmetic (docs/design.md, Reference sizes), for embed_dim 256, depth 6.
 SEED_ATTENTION = 197_000  # "Attention: ~197K parameters" (its QKV projection, 3 x 256 x 256)
 SEED_FFN = 1_081_344  # "Total FFN params per layer: 256x704 + 256x704 + 704x256 = 1,081,344"
 SEED_LAYER = 1_280_000  # "Total per layer: ~1.28M parameters"
@@ -59,7 +59,7 @@ def stack_report(name: str, stack: SpaceTimeTransformer) -> list[str]:
 
 
 def seed_comparison(cfg: TransformerConfig, stack: SpaceTimeTransformer) -> list[str]:
-    """Explain the gap between the seed's quoted counts and this stack's."""
+    """Explain the gap between the reference arithmetic's counts ("seed") and this stack's."""
     d, hd = cfg.embed_dim, cfg.head_dim
     block = stack.blocks[0]
     attn_here = count(block.attn)
@@ -67,19 +67,19 @@ def seed_comparison(cfg: TransformerConfig, stack: SpaceTimeTransformer) -> list
     layer_here = count(block)
     gqa_saving = 2 * d * (d - cfg.num_kv_heads * hd)
     lines = [
-        "Seed arithmetic (seed-pipeline.txt, width 256, depth 6) against this config's encoder stack:",
-        f"  attention  seed ~{SEED_ATTENTION:,}  here {attn_here:,}: the seed counts only the QKV projection "
+        "Seed arithmetic (the reference sizes of docs/design.md, width 256, depth 6) against this config's encoder stack:",
+        f"  attention  seed ~{SEED_ATTENTION:,}  here {attn_here:,}: the reference counts only the QKV projection "
         f"(3 x 256 x 256 = 196,608); here also the output projection ({d * d:,}) and QKNorm gains ({2 * hd})"
         + (f", minus {gqa_saving:,} for {cfg.num_kv_heads} key/value heads (GQA)" if gqa_saving else ""),
         f"  SwiGLU     seed {SEED_FFN:,}  here {ffn_here:,}: 3 x {d} x {block.ffn.down.in_features} = "
-        f"{3 * d * block.ffn.down.in_features:,}; the seed's sum 256x704 + 256x704 + 704x256 is 540,672, "
+        f"{3 * d * block.ffn.down.in_features:,}; the reference sum 256x704 + 256x704 + 704x256 is 540,672, "
         "it doubled it",
         f"  per layer  seed ~{SEED_LAYER:,}  here {layer_here:,} (+ 2 pre-norms of {d})",
         f"  stack      seed ~{SEED_STACK:,}  here {count(stack):,}: {cfg.depth} layers + {cfg.num_registers} "
-        f"register tokens ({count(stack.registers):,}) + final norm ({d}); the seed's total inherits its FFN error",
+        f"register tokens ({count(stack.registers):,}) + final norm ({d}); the reference total inherits its FFN error",
     ]
     if (d, cfg.depth) != (256, 6):
-        lines.append(f"  (this config has width {d} and depth {cfg.depth}, so counts differ from the seed's size too)")
+        lines.append(f"  (this config has width {d} and depth {cfg.depth}, so counts differ from the reference size too)")
     return lines
 
 

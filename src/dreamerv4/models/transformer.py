@@ -113,7 +113,7 @@ def attention(
     at the tokenizer's shapes (benchmarks/attention.py), and the soft cap needs the logits anyway.
     On CUDA without a soft cap, PyTorch's fused SDPA (flash/memory-efficient kernels) is used; with
     the cap the same explicit kernel runs there (on an H100, FlexAttention with the cap as a
-    score_mod saved ~1% of a seed tokenizer step: benchmarks/gpu.py).
+    score_mod saved ~1% of a reference-size tokenizer step: benchmarks/gpu.py).
     """
     n, hq, lq, dh = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -195,8 +195,8 @@ class _SoftCapAttention(torch.autograd.Function):
     softmax run in float32, in place (in bf16, logits shifted up to ~cap would keep an absolute
     precision of only ~cap/256).
     Both passes walk N in chunks of about `_CHUNK_ELEMENTS` logits, so the float32
-    temporaries stay in cache and are reused instead of freshly page-faulted (40% faster fwd+bwd
-    at the seed batch). Kept for the backward: the capped logits and the weights, in the inputs'
+    temporaries stay in cache and are reused instead of freshly page-faulted (faster fwd+bwd
+    at the reference batch). Kept for the backward: the capped logits and the weights, in the inputs'
     dtype (autograd over the plain ops would keep raw logits, tanh, an fp32 softmax and its bf16
     copy). Backward: dS = softmax'(dP), then dZ = dS * c * (1 - c / (2 cap)) for capped logits
     c (sigmoid' = s (1 - s))."""
@@ -694,9 +694,9 @@ def compile_blocks(model: nn.Module, dynamic: bool | None = False, mode: str | N
     """torch.compile (inductor) every transformer `Block` inside `model`, in place (parameter names
     and checkpoints are unchanged); returns how many. Compiled blocks fuse the elementwise work
     around the matmuls (RMSNorm, QKNorm + RoPE, soft cap + softmax, SwiGLU, residual adds, casts)
-    into generated loops: 1.5-1.6x faster block forward + backward at the seed sizes on one CPU
-    core in bf16; whole training steps 1.4x (dynamics) and 1.1x (tokenizer, where LPIPS and the
-    S=84 attention weigh more): benchmarks/{dynamics_train,tokenizer_step}.py --compile. Calls with a
+    into generated loops: faster block forward + backward at the reference sizes on one CPU core
+    in bf16, and faster whole training steps (docs/results.md, Speed; LPIPS and the S=84 attention
+    weigh more in the tokenizer's): benchmarks/{dynamics_train,tokenizer_step}.py --compile. Calls with a
     KVCache and activation-checkpointed calls run the blocks eagerly. Compilation happens at the
     first call of each new shape / grad mode (about 10 s per block kind on one core).
     On torch older than MIN_COMPILE_TORCH nothing is compiled (a note on stderr) and 0 is returned."""

@@ -131,14 +131,12 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval_fn calls (0: never); also runs at the last step
     max_nonfinite_steps: int = 10  # consecutive skipped (non-finite) updates that abort the run
     tensorboard: bool = True  # also write TensorBoard events to run_dir/tb
-    # torch.compile every transformer block (models/transformer.py compile_blocks): at the seed
-    # sizes in bf16 on one CPU core, dynamics steps 1.4x and tokenizer steps 1.1x faster, after
-    # ~20-40 s of compilation in the first steps (benchmarks/results/*_compile.json); off in tests.
+    # torch.compile every transformer block (models/transformer.py compile_blocks): faster steps
+    # after some seconds of compilation in the first steps (docs/results.md, Speed); off in tests.
     compile: bool = False
     # glibc only: keep freed blocks of up to 32 MB in the heap (`tune_malloc`) instead of handing
-    # them back to the OS and page-faulting them in again at the next step: +6% tokenizer frames
-    # per CPU second at the seed sizes, compiled, bf16, one thread (40.6 vs 38.2:
-    # benchmarks/results/tokenizer_step_malloc.json vs tokenizer_step_untuned_malloc.json).
+    # them back to the OS and page-faulting them in again at the next step (a few percent faster
+    # tokenizer steps: docs/results.md, Speed).
     tune_malloc: bool = True
     # Keep an exponential moving average of the weights with this decay (0: none); checkpoints carry
     # it as "ema_model", later phases and the image/eval hooks use it (training/ema.py).
@@ -175,7 +173,7 @@ def tune_malloc() -> bool:
 
     By default glibc returns every freed block over its mmap threshold (dynamic, up to 32 MB) to
     the OS, so each step page-faults its activations in again (seen as system time: ~0.5-3 s of a
-    7-10 s tokenizer step at the seed sizes). Fixing the threshold at its maximum (32 MB) and
+    7-10 s tokenizer step at the reference sizes). Fixing the threshold at its maximum (32 MB) and
     never trimming the heap keeps those pages mapped; peak memory stays the same. Process-wide
     and idempotent; returns False (and changes nothing) off glibc."""
     if not sys.platform.startswith("linux"):

@@ -1,6 +1,6 @@
 """Running-RMS loss normalization: each loss term is divided by a running estimate of its RMS.
 
-DreamerV4 balances loss terms this way (e.g. the tokenizer's MSE + 0.2 LPIPS, design.md section 3)
+DreamerV4 balances loss terms this way (e.g. the tokenizer's MSE + 0.2 LPIPS; docs/design.md, Models)
 so that no term dominates only because of its scale. Hand the normalizers to the training loop as
 `extra_state` so their statistics are checkpointed and restored on resume:
 

@@ -1,4 +1,4 @@
-"""The shortcut forcing loss of the dynamics model (DreamerV4 Eq. 6-8, as written in design.md 3).
+"""The shortcut forcing loss of the dynamics model (DreamerV4 Eq. 6-8; docs/design.md, Models).
 
     loss, metrics = shortcut_forcing_loss(model, latents, actions)   # latents (B,T,16,32) clean,
     loss.backward()                                                 # actions (B,T) dataset-aligned
@@ -7,7 +7,7 @@ Per frame (diffusion forcing: every frame has its own tau and d):
 - d = 1/k, k a power of two up to K_max (d_min = 1/K_max = 1/64); tau uniform on d's grid
   {0, d, ..., 1 - d}, so every tau is a multiple of its d and < 1 (`sample_step_and_signal`).
   A share `bootstrap_fraction` (default 0.25) of the frames draws k uniformly from 1, 2, ..., K_max/2,
-  the rest take d_min. design.md leaves the distribution over k open; uniform over all 7 sizes (a
+  the rest take d_min. The paper leaves the distribution over k open; uniform over all 7 sizes (a
   share of 6/7) did not learn at all on a toy task within 600 steps where 0.25 did: a constant
   prediction is an exact fixed point of the bootstrap term (its half steps are collinear), so only
   the flow frames pull the model towards the data. 0.25 is also the shortcut-model recipe.

@@ -2,7 +2,7 @@
 
     dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
 
-Loss (paper, design.md 3): MSE + lpips_weight * LPIPS on the full reconstructed frame, each term
+Loss (paper; docs/design.md, Models): MSE + lpips_weight * LPIPS on the full reconstructed frame, each term
 divided by a running estimate of its RMS so neither dominates by scale. Writes to
 `<out_dir>/tokenizer/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/, images/ (input | masked |
 reconstruction grids).
