@@ -13,7 +13,7 @@ limit (--memory-limit-gb; a worker that hits it is reported as out of memory ins
 the machine into swap or the OOM killer).
 
 Both sides get the same sizes: width 256, 6 layers, 8 heads of 32, a time layer every 4th layer,
-8x8 patches of 64x64 frames, 16 latents x 32 (our seed config, configs/minerl.yaml), and the same
+8x8 patches of 64x64 frames, 16 latents x 32 (our reference config, configs/minerl.yaml), and the same
 optimizer step: loss, backward, gradient-norm clipping at 1.0, torch AdamW (lr 3e-4), zero_grad,
 with bf16 = torch.autocast("cpu", bfloat16) around the loss. Per model:
 - tokenizer. Ours: `benchmarks/tokenizer_step.py` make_step (masked autoencoding at rate 0.75,

@@ -1,6 +1,6 @@
 """Throughput, FLOP/s, matmul utilization and peak memory of one dynamics (shortcut forcing) training step on CPU.
 
-    taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dynamics_train.py             # seed size, fp32 + bf16
+    taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dynamics_train.py             # reference size, fp32 + bf16
     ... --precisions bf16 --repeats 3 | --batch 4 --frames 8 | --checkpoint-activations | --compile | --untuned-malloc
 
 One step is what `dreamerv4 train dynamics` does per update: `training/shortcut.py`'s

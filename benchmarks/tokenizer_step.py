@@ -1,12 +1,12 @@
 """Throughput, FLOP/s, matmul utilization and peak memory of one full tokenizer training step on CPU.
 
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py            # seed size, fp32 + bf16
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py            # reference size, fp32 + bf16
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --precisions bf16 --repeats 4
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/tokenizer_step.py --batch 2 --profile   # where time goes
     ... --checkpoint-activations | --untuned-malloc | --compile | --threads 2   # variants, see --help
 
 One step is what `dreamerv4 train tokenizer` does per update (training/tokenizer.py + training/loop.py):
-forward at the configured mask rate (seed: 0.75), loss = RunningRMS-normalized MSE + 0.2 x
+forward at the configured mask rate (reference: 0.75), loss = RunningRMS-normalized MSE + 0.2 x
 RunningRMS-normalized LPIPS (AlexNet, on the whole reconstructed frames), backward, gradient-norm
 clipping at 1.0, AdamW update (the loop's parameter groups), zero_grad. bf16 means
 `torch.autocast("cpu", dtype=torch.bfloat16)` around forward and loss, exactly as the loop does.

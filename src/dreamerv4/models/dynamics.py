@@ -1,4 +1,4 @@
-"""Phase 1B: the shortcut-forcing dynamics model, the world model (seed "Step 1B"; DreamerV4 section 3.2).
+"""Phase 1B: the shortcut-forcing dynamics model, the world model (docs/design.md, Models; DreamerV4 section 3.2).
 
 It predicts clean tokenizer latents (x-prediction) from noisy ones, frame by frame and causal in
 time, on the shared `SpaceTimeTransformer`. Each frame is 2 + num_latents tokens (the transformer

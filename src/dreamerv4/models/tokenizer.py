@@ -1,4 +1,4 @@
-"""Phase 1A: the causal masked-autoencoding tokenizer (seed "Step 1A"; DreamerV4 section 3.1).
+"""Phase 1A: the causal masked-autoencoding tokenizer (docs/design.md, Models; DreamerV4 section 3.1).
 
 Each 64x64 frame is cut into 8x8 patches (64 patches of 192 values). The encoder, a
 `SpaceTimeTransformer`, reads the patch tokens plus 16 learned latent tokens per frame; the
@@ -48,9 +48,9 @@ class TokenizerConfig:
     # 2D locality prior (ALiBi-like, in the space layers of both stacks): logit bias
     # -slope_h * distance between the tokens' (row, col) positions, in patch units. Patches and
     # patch queries sit on their grid cells, latent tokens on an evenly spread sqrt(L) x sqrt(L)
-    # grid. Head h gets slope locality_slope * 2**-h, the last head 0 (global). 0 disables (seed).
+    # grid. Head h gets slope locality_slope * 2**-h, the last head 0 (global). 0 disables it (the paper's model).
     locality_slope: float = 0.0
-    # Decoder read-out: 0 = one linear map per patch query (seed); > 0 = a GELU MLP with this
+    # Decoder read-out: 0 = one linear map per patch query (the reference model); > 0 = a GELU MLP with this
     # hidden width, so a wide patch (16x16x3 = 768 values) is not limited to rank embed_dim.
     head_hidden: int = 0
 

@@ -261,7 +261,7 @@ def _row_slices(n: int, elements_per_row: int, device: torch.device) -> list[sli
 # RMSNorm, QKNorm + RoPE and the SwiGLU gate are small autograd Functions: autograd over the
 # plain formulas spends a memory pass on every intermediate (forward and backward) and keeps
 # several of them alive until the backward; these keep only what their backward needs. At the
-# seed batch (B=16, T=16) this took the bf16 step from 14.4 to 9.6 CPU seconds and its peak
+# reference batch (B=16, T=16) this took the bf16 step from 14.4 to 9.6 CPU seconds and its peak
 # memory from 8.1 to 4.2 GB (benchmarks/results/tokenizer_step*.json).
 
 
