@@ -53,5 +53,11 @@ def make_run(root: Path, action_space: str = "crafter", done: bool = True, agent
 
 
 @pytest.fixture(scope="session")
+def make_tiny_run():
+    """make_run itself, for tests that need a run folder of their own (another action space, unfinished)."""
+    return make_run
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("play") / "run")
