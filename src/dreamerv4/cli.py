@@ -5,6 +5,7 @@
     dreamerv4 data validate data/crafter
     dreamerv4 data convert-minerl SRC DST
     dreamerv4 data convert-vpt SRC DST [--workers N]
+    dreamerv4 data shard data/minerl data/minerl-shards
     dreamerv4 train tokenizer --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 eval tokenizer --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter
     dreamerv4 data tokenize --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter --out runs/x/latents
@@ -14,6 +15,7 @@
     dreamerv4 eval agent --checkpoint runs/x/agent/checkpoint.pt --data data/crafter-heldout
     dreamerv4 eval crafter --checkpoint runs/x/agent/checkpoint.pt --episodes 100
     dreamerv4 train imagine --config configs/crafter-small.yaml [--resume] [key=value ...]
+    dreamerv4 eval imagination --checkpoint runs/x/imagine/checkpoint.pt --data data/crafter-heldout
     dreamerv4 info params --config configs/minerl.yaml
     dreamerv4 play --run runs/crafter-small [--port 8000]
 
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="recordings converted at once (default: min(4, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="convert again recordings whose destination exists")
     p.set_defaults(handler="dreamerv4.data.vpt_convert:cmd_convert")
+
+    p = data.add_parser("shard", help="write episode folders as compressed WebDataset shards (data.path reads either)")
+    p.add_argument("src", help="folder of episode folders")
+    p.add_argument("dst", help="destination shard folder (index.json + shard-*.tar)")
+    p.add_argument("--shard-mb", type=float, default=512.0, help="target shard size in MB")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(handler="dreamerv4.data.shards:cmd_shard")
 
     p = data.add_parser("tokenize", help="encode an episode folder into a latent dataset with a frozen tokenizer")
     p.add_argument("--checkpoint", required=True, help="tokenizer checkpoint.pt")
@@ -152,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="world-model context cap in frames (default: the agent's training seq_len)")
     p.add_argument("--greedy", action="store_true", help="take the policy's most likely action instead of sampling")
     p.set_defaults(handler="dreamerv4.evaluation.crafter:cmd_eval")
+
+    p = evals.add_parser("imagination", help="the same actions from the same real states in the world model and the "
+                                             "real game: imagined vs real reward, unlocks, deaths, drift")
+    p.add_argument("--checkpoint", required=True, help="agent or imagination checkpoint.pt")
+    p.add_argument("--data", required=True, help="held-out Crafter episodes recorded by `dreamerv4 data crafter`")
+    p.add_argument("--starts", type=int, default=64, help="start states (recorded steps, replayed in the game)")
+    p.add_argument("--horizon", type=int, default=15, help="imagined (and real) steps from each start")
+    p.add_argument("--context", type=int, default=None, help="real frames before each start (default: 4)")
+    p.add_argument("--sampling-steps", type=int, default=None, help="shortcut steps K per frame (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start states and the policy's draws")
+    p.add_argument("--out", default=None, help="JSON report path (default: <run>/eval/imagination_<bc|imagine>.json)")
+    p.set_defaults(handler="dreamerv4.evaluation.imagination:cmd_eval")
 
     p = groups.add_parser("play", help="a local web page: play in the real game, the dream, side by side, or watch the agent")
     p.add_argument("--run", default=None, metavar="RUN_DIR",

@@ -124,13 +124,13 @@ class SequenceDataset(Dataset):
         self.action_space = action_space
         self.with_semantic = with_semantic
 
-        chosen = split_episodes(self.root, split, val_fraction, split_seed)
+        chosen = self._choose_episodes(split, val_fraction, split_seed)
 
         self.episodes: list[EpisodeInfo] = []
         self.episode_names: list[str] = []
         self.skipped_short: list[str] = []
         for path, name in chosen:
-            info = read_episode_info(path, action_space)
+            info = self._read_info(path, action_space)
             if info.length < seq_len:
                 self.skipped_short.append(name)
                 continue
@@ -147,6 +147,28 @@ class SequenceDataset(Dataset):
             )
         self._frames: dict[int, np.ndarray] = {}  # opened lazily, per process
         self._semantic: dict[int, np.ndarray] = {}
+
+    def __new__(cls, root: str | Path | None = None, *args, **kwargs):
+        # A shard folder or URL (`dreamerv4 data shard`) opens as ShardedSequenceDataset: same windows and items.
+        if cls is SequenceDataset and root is not None:
+            from dreamerv4.data.shards import ShardedSequenceDataset, is_shard_root
+
+            if is_shard_root(root):
+                cls = ShardedSequenceDataset
+        return super().__new__(cls)
+
+    # Where episodes come from; ShardedSequenceDataset (dreamerv4.data.shards) reads them from shards instead.
+    def _choose_episodes(self, split: Split, val_fraction: float, split_seed: int) -> list[tuple[Path, str]]:
+        return split_episodes(self.root, split, val_fraction, split_seed)
+
+    def _read_info(self, path: Path, action_space: str) -> EpisodeInfo:
+        return read_episode_info(path, action_space)
+
+    def _load_frames(self, info: EpisodeInfo) -> np.ndarray:
+        return load_frames(info.path)
+
+    def _load_semantic(self, info: EpisodeInfo) -> np.ndarray:
+        return load_observations(info.path, ("semantic",))["semantic"]
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seq_len: int, split: Split = "train", with_semantic: bool = False):
@@ -179,7 +201,7 @@ class SequenceDataset(Dataset):
         stop = start + self.seq_len
         info = self.episodes[episode]
         if episode not in self._frames:
-            self._frames[episode] = load_frames(info.path)
+            self._frames[episode] = self._load_frames(info)
         # One copy of the uint8 window in (T, C, H, W) order, then one pass to float. numpy, not torch:
         # torch's intra-op thread pool makes these small ops 10x slower when the CPUs are busy.
         window = np.ascontiguousarray(self._frames[episode][start:stop].transpose(0, 3, 1, 2))
@@ -190,7 +212,7 @@ class SequenceDataset(Dataset):
         }
         if self.with_semantic:
             if episode not in self._semantic:
-                self._semantic[episode] = load_observations(info.path, ("semantic",))["semantic"]
+                self._semantic[episode] = self._load_semantic(info)
             item["semantic"] = torch.from_numpy(self._semantic[episode][start:stop].copy())
         return item
 
