@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The checkout sits next to shared/ (a clone with shared/ beside it) or holds it (device copies).
 FIXTURE_CANDIDATES = [REPO.parent / "shared" / "fixtures" / "lpips", REPO / "shared" / "fixtures" / "lpips"]
 FIXTURES = next((p for p in FIXTURE_CANDIDATES if p.is_dir()), None)
-# Distances from ../shared/fixtures/lpips/README.md (the original LPIPS v0.1 release).
+# Reference distances of the original LPIPS v0.1 release for the fixture image pairs.
 REFERENCE = {"alexnet": (0.7219, 0.1376), "vgg16": (0.5686, 0.4217)}
 
 
