@@ -2,7 +2,7 @@
 
     pytest tests/test_pipeline.py -q -x
 
-Every stage (record -> ... -> crafter_imagine) into one run folder with report.html; a second run
+Every stage (record -> ... -> eval_imagination) into one run folder with report.html; a second run
 skips the finished stages and rewrites nothing; a data.path the user filled is read, never written;
 a tokenizer stopped by its time limit lets the pipeline go on; an interrupted recording is redone.
 """
@@ -28,7 +28,7 @@ from dreamerv4.run_config import RunConfig
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 STAGES = ["record", "validate", "tokenizer", "eval_tokenizer"]
 ALL_STAGES = STAGES + ["tokenize", "dynamics", "eval_dynamics", "agent", "eval_agent", "crafter_random",
-                       "crafter_bc", "imagine", "crafter_imagine"]
+                       "crafter_bc", "imagine", "crafter_imagine", "eval_imagination"]
 TRAIN = {"warmup_steps": 1, "log_every": 1, "precision": "fp32", "device": "cpu", "tensorboard": False, "threads": 1}
 
 
@@ -48,7 +48,7 @@ def write_config(path: Path, out_dir: Path, data_path: Path, *, record: dict, **
                   "train": {"steps": 3, "batch_size": 2, "seq_len": 4, "eval_every": 0, **TRAIN}},
         "imagine": {"horizon": 2, "max_context": 4, "eval_episodes": 0,
                     "train": {"steps": 2, "batch_size": 2, "seq_len": 2, "eval_every": 0, **TRAIN}},
-        "eval": {"crafter_episodes": 2, "crafter_max_steps": 12},
+        "eval": {"crafter_episodes": 2, "crafter_max_steps": 12, "imagination_starts": 2},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -93,7 +93,7 @@ def test_run_records_trains_evaluates_then_skips_finished_stages(tmp_path, capsy
     assert json.loads((run_dir / "eval.json").read_text())["psnr"] == evaluation["psnr"]
     assert (run_dir / "eval.png").is_file() and len(list((run_dir / "images").glob("*.png"))) == 2
     assert load_config(RunConfig, out / "config.yaml") == load_config(RunConfig, config)
-    assert "[4/13] eval_tokenizer" in first_output and "[13/13] crafter_imagine" in first_output
+    assert "[4/14] eval_tokenizer" in first_output and "[13/14] crafter_imagine" in first_output
     for stage in ("dynamics", "agent", "imagine"):
         assert stages[stage]["done"] and load_checkpoint(out / stage / "checkpoint.pt")["done"]
     for method in ("model", "copy_last_frame", "shuffled_actions"):
@@ -103,14 +103,19 @@ def test_run_records_trains_evaluates_then_skips_finished_stages(tmp_path, capsy
     for policy in ("random", "bc", "imagine"):
         result = json.loads((out / "eval" / f"crafter_{policy}.json").read_text())
         assert result["episodes"] == 2 and stages[f"crafter_{policy}"]["mean_return"] == result["mean_return"]
+    for policy in ("bc", "imagine"):
+        instrument = json.loads((out / "eval" / f"imagination_{policy}.json").read_text())
+        assert instrument["starts"] == 2 and instrument["horizon"] == 2
+        assert stages["eval_imagination"][policy]["real_return"] == instrument["real_return"]
     report = (out / "report.html").read_text()
     assert "not run" not in report.split('id="crafter-eval"')[1].split("</section>")[0]
+    assert "not run" not in report.split('id="imagination-instrument"')[1].split("</section>")[0]
     assert json.loads((out / "summary.json").read_text())["report"]
 
     before = snapshot(data, heldout, *(out / stage for stage in ("tokenizer", "dynamics", "agent", "imagine", "eval")))
     assert main(["run", "--config", str(config)]) == 0
     output = capsys.readouterr().out
-    assert "[3/13] tokenizer: done, skipped" in output and "[13/13] crafter_imagine: done, skipped" in output
+    assert "[3/14] tokenizer: done, skipped" in output and "[13/14] crafter_imagine: done, skipped" in output
     assert output.count("episodes present, using them as they are") == 2
     # nothing re-recorded, retrained or re-evaluated
     assert snapshot(data, heldout, *(out / stage for stage in ("tokenizer", "dynamics", "agent", "imagine", "eval"))) == before
@@ -144,7 +149,7 @@ def test_user_data_is_never_written_and_a_time_limited_tokenizer_counts_as_finis
     checkpoint = out / "tokenizer" / "checkpoint.pt"
     mtime = checkpoint.stat().st_mtime_ns
     assert main(["run", "--config", str(config), "--until", "eval_tokenizer"]) == 0  # used to stop at the time limit again, forever
-    assert "[3/13] tokenizer: done, skipped" in capsys.readouterr().out
+    assert "[3/14] tokenizer: done, skipped" in capsys.readouterr().out
     assert checkpoint.stat().st_mtime_ns == mtime
     assert snapshot(user_data) == before
 

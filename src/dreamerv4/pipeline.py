@@ -19,6 +19,9 @@ the others are skipped once <out_dir>/summary.json lists them, and resume when i
     crafter_bc        the behaviour-cloning policy in the real game -> eval/crafter_bc.json
     imagine           RL in imagination, PMPO + TD(lambda) (Phase 3) -> <out_dir>/imagine
     crafter_imagine   the imagination-trained policy in the real game -> eval/crafter_imagine.json
+    eval_imagination  the exploitation instrument for the BC and the imagination policy: the same
+                      actions from replayed held-out states in the world model and the real game
+                      -> eval/imagination_bc.json, eval/imagination_imagine.json (evaluation/imagination.py)
 Then report.html and summary.json (evaluation/report.py) are written, also after a failed stage.
 Real-game evaluations play `eval.crafter_episodes` episodes from the same seeds for every policy.
 
@@ -201,6 +204,23 @@ def stage_eval_tokenizer(cfg: RunConfig) -> dict:
     return result
 
 
+def stage_eval_imagination(cfg: RunConfig) -> dict:
+    from dreamerv4.evaluation.imagination import evaluate_imagination, format_report
+
+    heldout = heldout_path(cfg)
+    if cfg.data.action_space != "crafter" or cfg.eval.imagination_starts == 0 or not heldout.is_dir():
+        print("[eval_imagination] needs recorded held-out Crafter episodes and eval.imagination_starts > 0: skipped")
+        return {"skipped": "no held-out Crafter recording or eval.imagination_starts 0"}
+    results = {}
+    for label, stage in (("bc", "agent"), ("imagine", "imagine")):
+        report = evaluate_imagination(Path(cfg.out_dir) / stage / "checkpoint.pt", heldout,
+                                      starts=cfg.eval.imagination_starts, horizon=cfg.imagine.horizon,
+                                      sampling_steps=cfg.imagine.sampling_steps, seed=cfg.eval.imagination_seed)
+        print(format_report(report))
+        results[label] = {k: v for k, v in report.items() if k not in ("per_horizon", "out")}
+    return results
+
+
 STAGES: list[tuple[str, Callable[[RunConfig], dict]]] = [
     ("record", stage_record),
     ("validate", stage_validate),
@@ -215,6 +235,7 @@ STAGES: list[tuple[str, Callable[[RunConfig], dict]]] = [
     ("crafter_bc", stage_crafter_bc),
     ("imagine", stage_imagine),
     ("crafter_imagine", stage_crafter_imagine),
+    ("eval_imagination", stage_eval_imagination),
 ]
 TRAINING_STAGES = {"tokenizer", "dynamics", "agent", "imagine"}  # run on every torchrun process
 

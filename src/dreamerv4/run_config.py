@@ -93,8 +93,12 @@ class EvalStage:
     crafter_episodes: int = 100
     crafter_seed: int = 100000  # episode i plays environment seed crafter_seed + i
     crafter_max_steps: int = 10000  # Crafter's own episode cap
+    imagination_starts: int = 64  # held-out states of the exploitation instrument per policy (0: skip it)
+    imagination_seed: int = 0  # seed of those start states and the policies' draws
 
     def __post_init__(self) -> None:
+        if self.imagination_starts < 0:
+            raise ValueError(f"imagination_starts must be >= 0, got {self.imagination_starts}")
         if self.crafter_episodes < 1 or self.crafter_max_steps < 1:
             raise ValueError(f"crafter_episodes and crafter_max_steps must be >= 1, got "
                              f"{self.crafter_episodes}, {self.crafter_max_steps}")

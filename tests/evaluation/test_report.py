@@ -94,6 +94,10 @@ def build_run(run: Path) -> Path:
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"mean_return": ret, "return_ci95": [ret - 0.3, ret + 0.3], "crafter_score": score,
                                     "achievements": rates, "episodes": 50, "seed": 100000}))
+    # evaluation/imagination.py's report for the BC policy (the imagination policy's did not run)
+    (run / "eval" / "imagination_bc.json").write_text(json.dumps({
+        "starts": 8, "horizon": 3, "imagined_return": 2.75, "real_return": 0.5, "unlock_precision": 0.25,
+        "unlock_recall": None, "per_horizon": [{"h": h, "psnr": 20.0 - h} for h in (1, 2, 3)]}))
     return run
 
 
@@ -226,6 +230,11 @@ def test_report_table_values_come_from_the_files(tmp_path):
     evals = page[page.index('id="stage-evals"'):page.index('id="crafter-eval"')]
     assert "evaluated in the real game" in evals and "no imagine/eval.json" not in evals  # its test is the game
     assert "train time" in page and "skipped non-finite updates" in page
+    instrument = page[page.index('id="imagination-instrument"'):]
+    assert "<td>imagined return over the horizon</td><td class=\"num\">2.75</td>" in instrument
+    assert "<td>real return of the same actions</td><td class=\"num\">0.5</td>" in instrument
+    assert "<td>unlock recall of the reward head</td><td class=\"num\">n/a</td>" in instrument
+    assert "imagined vs real frame: PSNR" in instrument
 
 
 def test_empty_run_folder_is_all_not_run(tmp_path):
@@ -238,6 +247,7 @@ def test_empty_run_folder_is_all_not_run(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stages"] == {} and summary["config"] is None
     assert summary["crafter_eval"] == {"random": None, "bc": None, "imagine": None}
+    assert summary["instrument"] == {"bc": None, "imagine": None}
 
 
 def test_unreadable_files_are_reported_not_fatal(tmp_path):

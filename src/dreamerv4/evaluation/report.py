@@ -78,7 +78,27 @@ SECTIONS = {  # id -> heading, in page order
     "rollouts": "Real vs imagined rollouts",
     "stage-evals": "Stage evaluations",
     "crafter-eval": "Real-game evaluation (Crafter)",
+    "imagination-instrument": "Imagination vs the real game: the exploitation instrument",
 }
+INSTRUMENT_FILES = {"bc": f"{EVAL_DIR}/imagination_bc.json", "imagine": f"{EVAL_DIR}/imagination_imagine.json"}
+INSTRUMENT_ROWS = (  # key in evaluation/imagination.py's report -> row label
+    ("imagined_return", "imagined return over the horizon"),
+    ("real_return", "real return of the same actions"),
+    ("imagined_unlocks", "imagined unlocks per start (reward > 0.5)"),
+    ("real_unlocks", "real unlocks per start"),
+    ("unlock_precision", "unlock precision of the reward head"),
+    ("unlock_recall", "unlock recall of the reward head"),
+    ("imagined_reward_on_unlock", "imagined reward on real first unlocks"),
+    ("imagined_reward_on_repeat", "imagined reward on repeats (the game pays 0)"),
+    ("imagined_reward_on_other", "imagined reward on other steps"),
+    ("imagined_health_reward", "imagined health reward"),
+    ("real_health_reward", "real health reward"),
+    ("imagined_death_rate", "imagined deaths (1 - prod c_t)"),
+    ("real_death_rate", "real deaths"),
+    ("continue_on_death_steps", "c_t on real death steps"),
+    ("continue_on_other_steps", "c_t on other steps"),
+    ("starts", "start states"),
+)
 
 
 def crafter_eval_path(run_dir: str | Path, policy: str) -> Path:
@@ -234,6 +254,10 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             problems.append(f"{run / name}: expected a JSON object, got {type(result).__name__}")
             result = None
         data["crafter_eval"][policy] = result
+    data["instrument"] = {}
+    for policy, name in INSTRUMENT_FILES.items():
+        result = _load_json(run / name, problems) if (run / name).is_file() else None
+        data["instrument"][policy] = result if isinstance(result, dict) else None
     return data
 
 
@@ -587,6 +611,36 @@ def _section_crafter_eval(data: dict) -> tuple[bool, str]:
     return bool(ran), "".join(parts)
 
 
+def _section_instrument(data: dict) -> tuple[bool, str]:
+    results = {p: r for p, r in data["instrument"].items() if r is not None}
+    parts = []
+    curves_ = data["curves"].get("imagine") or {}
+    series = {name: curves_[key] for key, name in (("imagined_reward", "imagined reward per rollout (H steps)"),
+                                                    ("eval/crafter_return", "real-game return per episode"))
+              if key in curves_}
+    if series:
+        parts.append('<div class="plots">' + svg_line_plot(series, "imagination training: imagined vs real")
+                     + "</div>")
+    if not results:
+        parts.append(_not_run(f"no {' or '.join(INSTRUMENT_FILES.values())} (written by `dreamerv4 eval imagination`)"))
+        return bool(series), "".join(parts)
+    head = "".join(f"<th>{_esc(CRAFTER_EVAL_LABELS[p])}</th>" for p in results)
+    body = "".join(f"<tr><td>{_esc(label)}</td>" + "".join(
+        f'<td class="num">{_esc(_fmt(r.get(key)) if r.get(key) is not None else "n/a")}</td>' for r in results.values())
+        + "</tr>" for key, label in INSTRUMENT_ROWS)
+    first = next(iter(results.values()))
+    parts.append(f'<p class="note">From {first.get("starts")} held-out states, replayed in the game, each policy acts '
+                 f'{first.get("horizon")} steps in the world model; the same actions are then played in the real '
+                 'game. Imagined return far above the real one is model exploitation.</p>'
+                 f"<table><thead><tr><th>per start</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+    drift = {CRAFTER_EVAL_LABELS[p]: [(h["h"], h["psnr"]) for h in r.get("per_horizon", []) if _number(h.get("psnr"))]
+             for p, r in results.items()}
+    if any(drift.values()):
+        parts.append('<div class="plots">' + svg_line_plot(drift, "imagined vs real frame: PSNR (dB)", xlabel="h")
+                     + "</div>")
+    return True, "".join(parts)
+
+
 def render_html(data: dict[str, Any], run: Path) -> tuple[str, dict[str, bool]]:
     """The page and, per section id, whether it holds data (False: "not run")."""
     builders = {
@@ -597,6 +651,7 @@ def render_html(data: dict[str, Any], run: Path) -> tuple[str, dict[str, bool]]:
         "rollouts": lambda: _section_rollouts(data, run),
         "stage-evals": lambda: _section_stage_evals(data),
         "crafter-eval": lambda: _section_crafter_eval(data),
+        "imagination-instrument": lambda: _section_instrument(data),
     }
     filled, body = {}, []
     for sid, heading in SECTIONS.items():
@@ -656,6 +711,7 @@ def write_report(run_dir: str | Path) -> Path:
         "training": data["training"],
         "stage_evals": data["stage_evals"],
         "crafter_eval": data["crafter_eval"],
+        "instrument": data["instrument"],
         "report": {"file": REPORT_FILE, "sections": filled, "reconstruction": data["reconstruction"],
                    "rollouts": data["rollouts"], "problems": data["problems"],
                    "generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds")},
