@@ -106,6 +106,17 @@ def test_episode_download_holds_every_frame(models, tmp_path):
     assert session.episode_video(8, "mp4", tmp_path).stat().st_size > 0
 
 
+def test_a_checkpoint_alone_brings_its_own_world_model(tiny_run):
+    agent_only = load_play_models(checkpoint=tiny_run / "agent" / "checkpoint.pt")
+    assert agent_only.agent is agent_only.world and agent_only.agent_label == "bc"
+    assert agent_only.sources["tokenizer"] == str(tiny_run / "tokenizer" / "checkpoint.pt")
+    world_only = load_play_models(checkpoint=tiny_run / "dynamics" / "checkpoint.pt")
+    assert world_only.agent is None and "without an agent" in world_only.agent_note
+    with pytest.raises(Exception, match="agent mode is off"):
+        PlaySession(world_only).reset(mode="agent")
+    assert PlaySession(world_only).reset(mode="dream")["frames"]["dream"].shape == (64, 64, 3)
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

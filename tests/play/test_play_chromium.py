@@ -3,7 +3,9 @@ dream frame, side-by-side mode shows the real game's true frames, agent mode adv
 page logs no console error, and the server shuts down cleanly. Chromium is found as the report test
 finds it (skipped locally, a failure under CI=1, when it is missing).
 
-Run with SCREENSHOT=path to also save a screenshot of the side-by-side page (docs/images/play.png).
+Run with SCREENSHOT=path to also save a screenshot of the side-by-side page, and PLAY_RUN=RUN_DIR to
+drive a trained run's page instead of the tiny random-weight one (how docs/images/play.png is made):
+    PLAY_RUN=runs/crafter-small SCREENSHOT=docs/images/play.png .venv/bin/python -m pytest tests/play/test_play_chromium.py
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ async def drive(page_url: str, devtools_port: int, screenshot: Path | None) -> N
 
 def test_play_page_in_chromium(tiny_run, tmp_path):
     binary = chromium_binary()
-    proc, url = start_server(tiny_run)
+    proc, url = start_server(Path(os.environ.get("PLAY_RUN") or tiny_run))
     profile = tmp_path / "chromium-profile"
     browser = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                                 "--no-first-run", "--mute-audio", f"--user-data-dir={profile}",

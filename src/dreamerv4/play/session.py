@@ -132,8 +132,11 @@ def load_play_models(run_dir: str | Path | None = None, checkpoint: str | Path |
         _require_crafter(agent.action_space.name, agent_path, "agent")
         if world is None:
             world, run = agent, agent_run
-    if tokenizer_path is None:
-        tokenizer_path = Path(run.dynamics.tokenizer_checkpoint)
+    if tokenizer_path is None:  # the one the run trained with, else the run folder's beside the checkpoint
+        candidates = [Path(p) for p in (run.dynamics.tokenizer_checkpoint,) if p]
+        candidates += [world_path.parent.parent / "tokenizer" / "checkpoint.pt",
+                       Path(run.out_dir) / "tokenizer" / "checkpoint.pt"]
+        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
     if not tokenizer_path.is_file():
         raise UserError(f"{tokenizer_path}: the tokenizer checkpoint is missing (pass --tokenizer PATH)")
     tok, tok_cfg = load_tokenizer(tokenizer_path)
