@@ -8,6 +8,7 @@ frames are averaged, not aliased, and the 16:9 picture is squashed to the square
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,16 @@ from dreamerv4.data.episodes import FRAME_SHAPE
 from dreamerv4.errors import DataError
 
 RESIZE_FILTER = f"scale={FRAME_SHAPE[1]}:{FRAME_SHAPE[0]}:flags=area"
+
+
+class _ResizeNotice(logging.Filter):
+    """imageio_ffmpeg warns on every resized read that output and source sizes differ: that is the point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is different from the source frame size" not in record.getMessage()
+
+
+logging.getLogger("imageio_ffmpeg").addFilter(_ResizeNotice())
 
 
 def read_video(path: str | Path, skip: int = 0, keep: int | None = None, resize: bool = False) -> tuple[np.ndarray, int]:
