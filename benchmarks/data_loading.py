@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def measure(dataset: SequenceDataset, batch_size: int, workers: int, batches: int, seed: int) -> dict:
     loader = make_dataloader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, seed=seed)
+    return time_batches(loader, batch_size * dataset.seq_len, workers, batches)
+
+
+def time_batches(loader, frames_per_batch: int, workers: int, batches: int) -> dict:
+    """Frames/s of `batches` batches of `loader` (restarted when it runs out), after its first batch."""
     iterator = iter(loader)
     next(iterator)  # worker start-up and first page-in are not throughput
     started = time.perf_counter()
@@ -41,7 +46,7 @@ def measure(dataset: SequenceDataset, batch_size: int, workers: int, batches: in
         checksum += float(batch["frames"][:, :, 0, 0, 0].sum())  # touch the batch
         drawn += 1
     seconds = time.perf_counter() - started
-    frames = drawn * batch_size * dataset.seq_len
+    frames = drawn * frames_per_batch
     return {"workers": workers, "batches": drawn, "seconds": round(seconds, 3),
             "frames_per_second": round(frames / seconds, 1), "batches_per_second": round(drawn / seconds, 2)}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from data_loading import measure  # benchmarks/data_loading.py: shuffled map-style batches, timed
+from data_loading import measure, time_batches  # benchmarks/data_loading.py: shuffled map-style batches, timed
 from dreamerv4.data.crafter_record import record_crafter
 from dreamerv4.data.dataset import SequenceDataset, collate_windows
 from dreamerv4.data.episodes import find_episodes
@@ -40,21 +40,7 @@ def measure_stream(stream: ShardedWindowStream, batch_size: int, workers: int, b
         return collate_windows([{k: v for k, v in w.items() if isinstance(v, torch.Tensor)} for w in window_batch])
 
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=items, drop_last=True)
-    iterator = iter(loader)
-    next(iterator)  # worker start-up and the first shard's decoding are not throughput
-    started, drawn, checksum = time.perf_counter(), 0, 0.0
-    while drawn < batches:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            continue
-        checksum += float(batch["frames"][:, :, 0, 0, 0].sum())
-        drawn += 1
-    seconds = time.perf_counter() - started
-    frames = drawn * batch_size * stream.seq_len
-    return {"workers": workers, "batches": drawn, "seconds": round(seconds, 3),
-            "frames_per_second": round(frames / seconds, 1), "batches_per_second": round(drawn / seconds, 2)}
+    return time_batches(loader, batch_size * stream.seq_len, workers, batches)
 
 
 def main() -> None:
