@@ -10,7 +10,7 @@ generator seeded with (seed, i): the same command gives the same numbers. Report
 the checkpoint; `crafter_random.json` in the working folder for `random`): mean_return and its 95%
 confidence interval (normal approximation, mean +- 1.96 s / sqrt(n); null for n = 1), returns and
 lengths per episode, achievements (success rate of each of the 22 in [0, 1]: unlocked at least once
-in the episode), crafter_score (design.md 5), and a GIF of the first episode's first
+in the episode), crafter_score (data/crafter_record.py crafter_score; docs/design.md, Evaluation), and a GIF of the first episode's first
 `VIDEO_STEPS` frames beside the JSON.
 
 The policy (`AgentPolicy`) keeps a world-model context of the live frames:

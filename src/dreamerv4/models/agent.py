@@ -1,5 +1,5 @@
-"""Phase 2: agent tokens on the dynamics transformer, with policy, reward and value heads (seed "PHASE 2";
-DreamerV4 section 3.3; design.md 3).
+"""Phase 2: agent tokens on the dynamics transformer, with policy, reward and value heads (DreamerV4 section 3.3;
+docs/design.md, Models).
 
     agent = AgentModel(dynamics_model, AgentConfig())        # wraps a (trained) DynamicsModel
     out = agent(latents, actions)                             # latents (B,T,16,32) clean, actions (B,T) codes
@@ -24,7 +24,7 @@ Information flow (paper: agent tokens read everything, nothing reads them):
 Hence the world model's predictions are exactly those of the bare DynamicsModel with the same weights
 (up to float rounding from the longer rows), whatever the agent tokens hold (tests check both).
 
-ALIGNMENT (design.md 1: actions[t] is taken after seeing frames[t]; rewards[t] is received on that
+ALIGNMENT (docs/design.md, Data contract: actions[t] is taken after seeing frames[t]; rewards[t] is received on that
 step, i.e. it is the reward *for* actions[t]). The agent token of frame t sees frames <= t and the
 action tokens of frames <= t, i.e. actions[0..t-1] (frame t carries actions[t-1], the action that led
 to it). With MTP offsets n = 0..L-1 (L = cfg.mtp_length):
@@ -209,7 +209,7 @@ class AgentModel(nn.Module):
             return torch.ones(hidden.shape[:-1], device=hidden.device)
         return torch.sigmoid(self.continuation(hidden))
 
-    # -- the seed's output dict --------------------------------------------------------------------
+    # -- the output dict --------------------------------------------------------------------------
 
     def forward(
         self,

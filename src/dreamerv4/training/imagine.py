@@ -1,5 +1,5 @@
-"""Phase 3: reinforcement learning in imagination, PMPO + TD(lambda) (seed "PHASE 3"; DreamerV4 section 3.3;
-design.md 3).
+"""Phase 3: reinforcement learning in imagination, PMPO + TD(lambda) (DreamerV4 section 3.3;
+docs/design.md, Models).
 
     dreamerv4 train imagine --config configs/crafter-small.yaml [--resume] [key=value ...]
 
@@ -36,9 +36,8 @@ continue_mean (mean c_t) and alive_frac (share of steps that count); with
 real-game episodes every eval_every steps, played as `dreamerv4 eval crafter` plays them but from
 `imagine.eval_seed` (default 200000, apart from eval crafter's 100000 so monitoring never tunes on it).
 
-Measured cost (random weights at the crafter-small sizes, width 192, depth 4; B 16, H 15, K 4,
-context 4, cap 8): 5-7 s per update on one shared CPU core in bf16, almost all of it the 80-odd
-one-frame transformer passes of the rollout.
+Cost: almost all of an update is the rollout's one-frame transformer passes, about H x (K + 1);
+measured seconds per update are in docs/results.md.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ def imagine(
 
     context_latents (B,C,16,32) clean and context_actions (B,C) dataset-aligned codes (a window of
     the latent dataset; the last context action is not used: the policy acts at the last frame).
-    Returns the seed's dict, all float32 / int64 and detached:
+    Returns a dict, all float32 / int64 and detached:
       imagined_latents (B,H,L,C)  s_1..s_H, the frames the actions led to
       imagined_actions (B,H)      a_t sampled from the policy at s_t (s_0 the last context frame)
       imagined_rewards (B,H)      r_t, the reward for a_t (read at s_{t+1})

@@ -1,6 +1,6 @@
 """Phase 3 objectives on imagined trajectories: lambda-returns, the PMPO policy loss and the value loss.
 
-Pure functions on tensors (design.md 3; DreamerV4 section 3.3); `training/imagine.py` drives them.
+Pure functions on tensors (DreamerV4 section 3.3; docs/paper.md); `training/imagine.py` drives them.
 
     returns = lambda_returns(rewards, values, gamma=0.997, lam=0.95)   # rewards (B,H), values (B,H+1)
     advantages = returns - values[:, :-1]                              # only the sign is used
@@ -64,7 +64,7 @@ def pmpo_loss(
     beta: float = 0.3,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PMPO (design.md 3; DreamerV4 Eq. 11), minimized:
+    """PMPO (DreamerV4 Eq. 11; docs/paper.md), minimized:
 
         (1 - alpha)/|D-| sum_{D-} ln pi(a|s) - alpha/|D+| sum_{D+} ln pi(a|s) + beta/N sum KL(pi || prior)
 
