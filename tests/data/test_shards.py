@@ -165,3 +165,20 @@ def test_tokenizer_trains_on_the_same_batches_from_shards(tiny_crafter_root, tmp
         train_tokenizer(cfg)
         losses.append([r["loss"] for r in read_metrics(tmp_path / name / "tokenizer") if "loss" in r])
     assert len(losses[0]) == 3 and losses[0] == losses[1]  # bitwise on CPU fp32: the same batches
+
+
+def test_tokenize_from_shards_writes_the_same_latent_episodes(tiny_crafter_root, tmp_path):
+    from data.test_latents import make_tokenizer_checkpoint
+    from dreamerv4.data.latents import load_latents, tokenize_dataset
+
+    checkpoint = make_tokenizer_checkpoint(tmp_path / "tok" / "checkpoint.pt")
+    assert main(["data", "shard", str(tiny_crafter_root), str(tmp_path / "shards")]) == 0
+    a = tokenize_dataset(checkpoint, tiny_crafter_root, tmp_path / "from_folders", progress=False)
+    b = tokenize_dataset(checkpoint, tmp_path / "shards", tmp_path / "from_shards", progress=False)
+    assert a["episodes"] == b["episodes"] and len(a["episodes"]) == 3
+    for name in a["episodes"]:
+        np.testing.assert_array_equal(load_latents(tmp_path / "from_folders" / name),
+                                      load_latents(tmp_path / "from_shards" / name))
+        for file in ("actions.npz", "rewards.npy", "observations.npz"):
+            assert (tmp_path / "from_folders" / name / file).read_bytes() == \
+                (tmp_path / "from_shards" / name / file).read_bytes()

@@ -40,7 +40,9 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -285,16 +287,21 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_latent_episode(dest: Path, latents: np.ndarray, source: Path, replace: bool) -> None:
-    """Build the episode in a hidden folder beside `dest` (latents + copied actions, rewards,
-    observations), then rename it into place."""
+def _copy_episode_files(source: Path, folder: Path) -> None:
+    """The episode's actions, rewards and observations files into `folder`."""
+    for name in (ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
+def _write_latent_episode(dest: Path, latents: np.ndarray, copy_files: Callable[[Path], None], replace: bool) -> None:
+    """Build the episode in a hidden folder beside `dest` (latents + `copy_files`: the source's actions,
+    rewards, observations), then rename it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         np.save(tmp / LATENTS_FILE, latents)
-        for name in (ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        copy_files(tmp)
         if dest.exists() and not replace:
             raise DataError(f"{dest}: exists (pass --overwrite to replace it)")
         publish_folder(tmp, dest)
@@ -311,17 +318,21 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
     already there is an error unless `overwrite`. Returns the manifest."""
     from dreamerv4.evaluation.tokenizer import load_tokenizer  # evaluation imports data; import late
 
-    data, out, checkpoint = Path(data), Path(out), Path(checkpoint)
+    from dreamerv4.data.shards import is_shard_root, shard_sources
+
+    sharded = is_shard_root(data)
+    data, out, checkpoint = (str(data) if sharded else Path(data)), Path(out), Path(checkpoint)
     if batch_frames < 1:
         raise UserError(f"--batch-frames must be >= 1, got {batch_frames}")
-    sources = find_episodes(data)
-    if not sources:
-        raise DataError(f"{data}: no episode folders")
-    if sources == [data]:
-        raise UserError(f"{data}: is itself an episode; pass the folder that holds episode folders")
-    data_abs, out_abs = data.resolve(), out.resolve()
-    if out_abs == data_abs or data_abs in out_abs.parents or out_abs in data_abs.parents:
-        raise UserError(f"--out {out} and --data {data} must not contain one another")
+    if not sharded:
+        sources = find_episodes(data)
+        if not sources:
+            raise DataError(f"{data}: no episode folders")
+        if sources == [data]:
+            raise UserError(f"{data}: is itself an episode; pass the folder that holds episode folders")
+        data_abs, out_abs = data.resolve(), out.resolve()
+        if out_abs == data_abs or data_abs in out_abs.parents or out_abs in data_abs.parents:
+            raise UserError(f"--out {out} and --data {data} must not contain one another")
     tokenizer, tok_cfg = load_tokenizer(checkpoint)
     tokenizer.requires_grad_(False)
     if torch.cuda.is_available():
@@ -340,7 +351,7 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
         "num_latents": tokenizer.cfg.num_latents,
         "latent_dim": tokenizer.cfg.latent_dim,
         "dtype": "float32",
-        "source": str(data_abs),
+        "source": data if sharded else str(data_abs),
         "episodes": {},
         "complete": False,
     }
@@ -366,12 +377,16 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     _write_json(manifest_path, manifest)  # incomplete until every episode is written
 
-    infos = [(p, episode_name(data, p), read_episode_info(p)) for p in sources]  # DataError naming the file
-    total = sum(info.length for _, _, info in infos)
+    if sharded:  # (where, name, info, frames loader, copier of actions/rewards/observations into a folder)
+        infos = shard_sources(data)
+    else:
+        infos = [(p, episode_name(data, p), read_episode_info(p), partial(load_frames, p), partial(_copy_episode_files, p))
+                 for p in sources]  # DataError naming the file
+    total = sum(info.length for _, _, info, _, _ in infos)
     bar = tqdm(total=total, desc="tokenize", unit="frame", dynamic_ncols=True, disable=None if progress else True)
     encoded = skipped = 0
     try:
-        for path, name, info in infos:
+        for path, name, info, frames, copy_files in infos:
             dest = out / name
             if dest.exists() and keep_existing and not overwrite:
                 try:
@@ -382,10 +397,10 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
                     raise DataError(f"{dest}: exists but does not match {path}; pass --overwrite to redo it")
                 skipped += 1
             else:
-                latents = encode_episode(tokenizer, load_frames(path), context, batch_frames)
+                latents = encode_episode(tokenizer, frames(), context, batch_frames)
                 if not np.isfinite(latents).all():
                     raise UserError(f"{checkpoint}: the tokenizer gave NaN or inf latents for {path}")
-                _write_latent_episode(dest, latents, path, replace=overwrite)
+                _write_latent_episode(dest, latents, copy_files, replace=overwrite)
                 encoded += 1
             manifest["episodes"][name] = info.length
             bar.update(info.length)

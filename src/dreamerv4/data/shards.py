@@ -32,7 +32,9 @@ import tarfile
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -202,6 +204,44 @@ def decode_frames(data: bytes, what: str) -> np.ndarray:
         raise DataError(f"{what}: bad gzip data ({exc})") from exc
 
 
+def read_entry_info(index: ShardIndex, entry: dict, action_space: str | None = None) -> EpisodeInfo:
+    """An episode's EpisodeInfo from its actions and rewards members; `path` names shard and key."""
+    where = f"{_join(index.root, entry['shard'])}:{entry['key']}"
+    actions = _npz(index.read_member(entry, ACTIONS_FILE), f"{where}.{ACTIONS_FILE}")
+    rewards = _npy(index.read_member(entry, REWARDS_FILE), f"{where}.{REWARDS_FILE}")
+    layout = layout_of(actions)
+    if action_space is not None and layout != action_space:
+        raise DataError(f"{where}: {layout} actions, but the {action_space} action space was asked for")
+    try:
+        codes, report = get_action_space(layout).codes_from_actions(actions)
+    except ValueError as exc:
+        raise DataError(f"{where}.{ACTIONS_FILE}: {exc}") from exc
+    info = EpisodeInfo(Path(where), int(entry["length"]), layout, codes, rewards.astype(np.float32), report,
+                       OBSERVATIONS_FILE in entry["members"])
+    info.entry = entry  # type: ignore[attr-defined]
+    return info
+
+
+def shard_sources(root: str | Path) -> list[tuple[Path, str, EpisodeInfo, Callable[[], np.ndarray], Callable[[Path], None]]]:
+    """Per episode, in name order: (where, name, info, a loader of its frames, a writer of its actions,
+    rewards and observations files into a folder), for `dreamerv4 data tokenize --data SHARDS`."""
+    index = ShardIndex.open(root)
+
+    def frames(entry: dict) -> np.ndarray:
+        return decode_frames(index.read_member(entry, FRAMES_MEMBER), f"{entry['shard']}:{entry['key']}")
+
+    def copy_files(entry: dict, folder: Path) -> None:
+        for name in (ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE):
+            if name in entry["members"]:
+                (folder / name).write_bytes(index.read_member(entry, name))
+
+    sources = []
+    for entry in sorted(index.episodes, key=lambda e: e["name"]):
+        info = read_entry_info(index, entry)
+        sources.append((info.path, entry["name"], info, partial(frames, entry), partial(copy_files, entry)))
+    return sources
+
+
 class ShardedSequenceDataset(SequenceDataset):
     """SequenceDataset over a shard folder or URL (module doc); items, windows and split are the same."""
 
@@ -219,17 +259,7 @@ class ShardedSequenceDataset(SequenceDataset):
         return [(e, e["name"]) for e, v in zip(entries, held_out) if split == "all" or v == (split == "val")]
 
     def _read_info(self, entry: dict, action_space: str) -> EpisodeInfo:
-        where = f"{_join(self._index.root, entry['shard'])}:{entry['key']}"
-        actions = _npz(self._index.read_member(entry, ACTIONS_FILE), f"{where}.{ACTIONS_FILE}")
-        rewards = _npy(self._index.read_member(entry, REWARDS_FILE), f"{where}.{REWARDS_FILE}")
-        layout = layout_of(actions)
-        if layout != action_space:
-            raise DataError(f"{where}: {layout} actions, but the {action_space} action space was asked for")
-        codes, report = get_action_space(layout).codes_from_actions(actions)
-        info = EpisodeInfo(Path(where), int(entry["length"]), layout, codes, rewards.astype(np.float32), report,
-                           OBSERVATIONS_FILE in entry["members"])
-        info.entry = entry  # type: ignore[attr-defined]
-        return info
+        return read_entry_info(self._index, entry, action_space)
 
     def _cached(self, info: EpisodeInfo, member: str, decode):
         cache = self.__dict__.setdefault("_decoded", OrderedDict())
