@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="K shortcut steps per dream frame at start (default: the model's; the page can change it)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="model arithmetic (bf16: autocast)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default; 1 is fastest at batch 1, benchmarks/play_speed.py)")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="also load checkpoints whose training stopped before it finished")
     p.add_argument("--open", action="store_true", help="open the page in the default browser (off by default)")
