@@ -130,7 +130,7 @@ def convert_minerl(src: str | Path, dst: str | Path, overwrite: bool = False, pr
     if existing and not overwrite:
         raise DataError(f"{existing[0]}: episode already exists ({len(existing)} of {len(targets)} do); "
                         f"pass --overwrite to replace them")
-    converted, failures, report = [], [], ActionReport()
+    converted, failures = [], []
     for source, target in tqdm(list(zip(sources, targets)), desc="convert-minerl", unit="episode", disable=not progress):
         try:
             result = convert_episode(source, target, overwrite)
@@ -138,15 +138,16 @@ def convert_minerl(src: str | Path, dst: str | Path, overwrite: bool = False, pr
             failures.append(str(exc))
             continue
         converted.append(result)
-        report = report.merge(ActionReport.from_dict(result["unrepresentable"]))
-    return {
-        "src": str(src),
-        "dst": str(dst),
-        "converted": converted,
-        "failures": failures,
-        "steps": sum(c["steps"] for c in converted),
-        "unrepresentable": report.to_dict(),
-    }
+    return conversion_summary(src, dst, converted, failures)
+
+
+def conversion_summary(src: Path, dst: Path, converted: list[dict], failures: list[str], **extra) -> dict:
+    """What a converter returns: its results, failures, steps, `extra` counts and the merged ActionReport."""
+    report = ActionReport()
+    for c in converted:
+        report = report.merge(ActionReport.from_dict(c["unrepresentable"]))
+    return {"src": str(src), "dst": str(dst), "converted": converted, "failures": failures,
+            "steps": sum(c["steps"] for c in converted), **extra, "unrepresentable": report.to_dict()}
 
 
 def cmd_convert(args) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 
 from dreamerv4.actions import KEYS, ActionReport, get_action_space
 from dreamerv4.data.episodes import write_episode
+from dreamerv4.data.minerl_convert import conversion_summary
 from dreamerv4.data.video import read_video
 from dreamerv4.errors import DataError
 
@@ -235,20 +236,9 @@ def convert_vpt(src: str | Path, dst: str | Path, overwrite: bool = False, worke
     bar.close()
     converted = sorted((r for r in results if isinstance(r, dict)), key=lambda r: r["src"])
     failures = sorted(r for r in results if isinstance(r, str))
-    report = ActionReport()
-    for c in converted:
-        report = report.merge(ActionReport.from_dict(c["unrepresentable"]))
-    return {
-        "src": str(src),
-        "dst": str(dst),
-        "converted": converted,
-        "skipped_existing": skipped,
-        "failures": failures,
-        "steps": sum(c["steps"] for c in converted),
-        "gui_ticks": sum(c["gui_ticks"] for c in converted),
-        "attack_stuck_ticks": sum(c["attack_stuck_ticks"] for c in converted),
-        "unrepresentable": report.to_dict(),
-    }
+    return conversion_summary(src, dst, converted, failures, skipped_existing=skipped,
+                              gui_ticks=sum(c["gui_ticks"] for c in converted),
+                              attack_stuck_ticks=sum(c["attack_stuck_ticks"] for c in converted))
 
 
 def cmd_convert(args) -> int:
