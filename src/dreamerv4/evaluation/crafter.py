@@ -145,9 +145,21 @@ def load_policy(checkpoint: str, max_context: int | None = None, greedy: bool = 
     agent, run = load_agent(checkpoint)
     tokenizer, tok_cfg = load_tokenizer(run.dynamics.tokenizer_checkpoint)
     context = max_context or run.agent.train.seq_len
+    return AgentPolicy(agent, tokenizer, tokenizer_context(run, tok_cfg), context, greedy), policy_label(checkpoint)
+
+
+def policy_label(checkpoint: str | Path) -> str:
+    """"bc" for <run>/agent/checkpoint.pt, "imagine" for <run>/imagine/checkpoint.pt, else the folder name."""
     parent = Path(checkpoint).parent.name
-    label = {"agent": "bc", "imagine": "imagine"}.get(parent, parent)
-    return AgentPolicy(agent, tokenizer, tokenizer_context(run, tok_cfg), context, greedy), label
+    return {"agent": "bc", "imagine": "imagine"}.get(parent, parent)
+
+
+def write_json_report(out: Path, report: dict) -> None:
+    """Write `report` to `out` atomically (temp file + rename), creating its folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
 
 
 def default_out(checkpoint: str, label: str) -> Path:
@@ -214,10 +226,7 @@ def evaluate_crafter(checkpoint: str, episodes: int, seed: int = 100_000, max_st
         "video": None if video_path is None else str(video_path),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_json_report(out, report)
     report["out"] = str(out)
     return report
 

@@ -40,6 +40,7 @@ from dreamerv4.data.crafter_record import make_crafter_env
 from dreamerv4.data.episodes import find_episodes, load_actions, load_frames, load_rewards
 from dreamerv4.data.latents import decode_latents, encode_episode
 from dreamerv4.errors import DataError, UserError
+from dreamerv4.evaluation.crafter import policy_label, write_json_report
 from dreamerv4.evaluation.metrics import psnr
 
 UNLOCK_REWARD = 0.5  # a step's reward above this is an achievement unlock (+1); health changes are +-0.1 each
@@ -224,19 +225,14 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
         raise DataError(f"{data}: {mismatched} of {len(picks)} replays did not show the recorded frame "
                         "(recorded with another Crafter version or not by `dreamerv4 data crafter`?)")
     report = summarize({k: np.stack(v) for k, v in im.items()}, {k: np.stack(v) for k, v in re.items()})
-    parent = Path(checkpoint).parent.name
-    label = {"agent": "bc", "imagine": "imagine"}.get(parent, parent)
+    label = policy_label(checkpoint)
     report.update(policy=label, checkpoint=str(checkpoint), data=str(data), context=context, seed=seed,
                   sampling_steps=sampling_steps, seconds=round(time.perf_counter() - started, 2))
     if out is None:
         path = Path(checkpoint)
-        out = (path.parent.parent / "eval" if parent in ("agent", "imagine") else path.parent) / \
-            f"imagination_{label}.json"
+        out = (path.parent.parent / "eval" if label in ("bc", "imagine") else path.parent) / f"imagination_{label}.json"
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_json_report(out, report)
     report["out"] = str(out)
     return report
 
