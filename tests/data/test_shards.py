@@ -182,3 +182,22 @@ def test_tokenize_from_shards_writes_the_same_latent_episodes(tiny_crafter_root,
         for file in ("actions.npz", "rewards.npy", "observations.npz"):
             assert (tmp_path / "from_folders" / name / file).read_bytes() == \
                 (tmp_path / "from_shards" / name / file).read_bytes()
+
+
+def test_windows_across_frame_chunks_read_the_right_frames(tmp_path, monkeypatch):
+    import dreamerv4.data.shards as shards
+
+    monkeypatch.setattr(shards, "FRAME_CHUNK", 16)  # the 20..60-step episodes span 2..4 chunks
+    episodes = make_episodes(tmp_path / "episodes")
+    shards.write_shards(episodes, tmp_path / "shards", progress=False)
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert sorted(k for k in index["episodes"][3]["members"] if k.startswith("frames.")) == \
+        [f"frames.{c:05d}.u8.gz" for c in range(4)]  # ep03: 60 frames
+    assert_same_items(SequenceDataset(episodes, seq_len=SEQ_LEN, stride=3),
+                      SequenceDataset(tmp_path / "shards", seq_len=SEQ_LEN, stride=3))
+    stream = ShardedWindowStream(tmp_path / "shards", SEQ_LEN, STRIDE, "crafter")
+    folders = SequenceDataset(episodes, seq_len=SEQ_LEN, stride=STRIDE)
+    expected = {folders.window(i): folders[i]["frames"] for i in range(len(folders))}
+    for window in stream:
+        torch.testing.assert_close(window["frames"], expected.pop((window["episode"], window["start"])), rtol=0, atol=0)
+    assert not expected

@@ -6,20 +6,22 @@
 Layout of DST:
     index.json          {"format": "dreamerv4-shards", "version": 1, "shards": [...], "episodes": [...]}: each
                         episode's name, length, shard and the byte range of each of its members in that shard
-    shard-000000.tar    WebDataset samples, one per episode (key e00000000, ...): `name.txt`, `frames.npy.gz`
-                        (the frames.npy file, gzip level 6), `actions.npz`, `rewards.npy`, optional
-                        `observations.npz` (the episode folder's files byte for byte)
+    shard-000000.tar    WebDataset samples, one per episode (key e00000000, ...): `name.txt`,
+                        `frames.00000.u8.gz`, `frames.00001.u8.gz`, ... (raw uint8 frames, FRAME_CHUNK = 256
+                        per member, gzip level 6), `actions.npz`, `rewards.npy`, optional `observations.npz`
+                        (the episode folder's files byte for byte)
 Shards are plain tar (members compressed one by one), so any member can be read with one range read
 (`fsspec` `cat_file(start, end)`): the same code path for a folder, file://, memory:// or http(s)://.
 
 Two readers:
 - ShardedSequenceDataset: SequenceDataset's windows, split and items (dreamerv4.data.dataset), so the
   training stages and the loop's StepBatchSampler (disjoint per DDP rank, exact resume) work unchanged.
-  `SequenceDataset(path)` returns one when `path` is a shard folder or URL (is_shard_root). Each process
-  keeps the last `cache_episodes` decoded episodes.
+  `SequenceDataset(path)` returns one when `path` is a shard folder or URL (is_shard_root). A window
+  decodes only the one or two frame chunks it touches; each process keeps the last `cache_items`.
+  `dreamerv4 data tokenize --data SHARDS` reads shards too (shard_sources).
 - ShardedWindowStream: an IterableDataset for data far larger than memory: each epoch the shards are
-  shuffled by (seed, epoch) and dealt round-robin to the rank x worker readers, which stream them with
-  WebDataset and yield every window once; `start_window` resumes a reader at its position.
+  shuffled by (seed, epoch) and dealt round-robin to the rank x worker readers, which stream them
+  sequentially (fsspec + WebDataset's tar iterators) and yield every window once; `start_window` resumes a reader at its position.
 """
 
 from __future__ import annotations
@@ -44,21 +46,26 @@ from dreamerv4.actions import get_action_space, layout_of
 from dreamerv4.data.dataset import SequenceDataset, Split, validation_mask, window_starts
 from dreamerv4.data.episodes import (
     ACTIONS_FILE,
-    FRAMES_FILE,
+    FRAME_SHAPE,
     OBSERVATIONS_FILE,
     REWARDS_FILE,
     EpisodeInfo,
     episode_name,
     find_episodes,
+    load_frames,
     publish_folder,
     read_episode_info,
 )
 from dreamerv4.errors import DataError
 
 INDEX_FILE = "index.json"
+FRAME_BYTES = int(np.prod(FRAME_SHAPE))
 FORMAT = "dreamerv4-shards"
-FRAMES_MEMBER = FRAMES_FILE + ".gz"
-SAMPLE_MEMBERS = ("name.txt", FRAMES_MEMBER, ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE)
+FRAME_CHUNK = 256  # frames per compressed member (3 MB raw): a window read decodes one or two of them
+
+
+def frames_member(chunk: int) -> str:
+    return f"frames.{chunk:05d}.u8.gz"
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -98,8 +105,11 @@ def write_shards(src: str | Path, dst: str | Path, shard_mb: float = 512.0, over
                     writer.close()
                 shards.append(f"shard-{len(shards):06d}.tar")
                 writer, written = wds.TarWriter(str(tmp / shards[-1]), encoder=False, mtime=0.0), 0
-            sample = {"__key__": f"e{i:08d}", "name.txt": episode_name(src, path).encode(),
-                      FRAMES_MEMBER: gzip.compress((path / FRAMES_FILE).read_bytes(), compresslevel=6, mtime=0)}
+            sample = {"__key__": f"e{i:08d}", "name.txt": episode_name(src, path).encode()}
+            frames = load_frames(path)
+            for chunk, start in enumerate(range(0, len(frames), FRAME_CHUNK)):
+                raw = np.ascontiguousarray(frames[start:start + FRAME_CHUNK]).tobytes()
+                sample[frames_member(chunk)] = gzip.compress(raw, compresslevel=6, mtime=0)
             for name in (ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE):
                 if (path / name).is_file():
                     sample[name] = (path / name).read_bytes()
@@ -197,11 +207,46 @@ def _npz(data: bytes, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{what}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_frames(data: bytes, what: str) -> np.ndarray:
+def decode_chunk(data: bytes, what: str, rows: int) -> np.ndarray:
+    """One frames member -> (rows, 64, 64, 3) uint8."""
     try:
-        return _npy(gzip.decompress(data), what)
+        raw = gzip.decompress(data)
     except (OSError, EOFError) as exc:
         raise DataError(f"{what}: bad gzip data ({exc})") from exc
+    if len(raw) != rows * FRAME_BYTES:
+        raise DataError(f"{what}: {len(raw)} bytes, expected {rows} frames of {FRAME_BYTES}")
+    return np.frombuffer(raw, np.uint8).reshape(rows, *FRAME_SHAPE)
+
+
+def chunk_rows(length: int, chunk: int) -> int:
+    return min(FRAME_CHUNK, length - chunk * FRAME_CHUNK)
+
+
+class ChunkedFrames:
+    """An episode's (T, 64, 64, 3) frames, read chunk by chunk: frames[a:b] decodes only the chunks it
+    touches (through `read_chunk`, which may cache)."""
+
+    def __init__(self, length: int, read_chunk: Callable[[int], np.ndarray]):
+        self.length, self.read_chunk = length, read_chunk
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self.length)
+        if step != 1 or stop <= start:
+            raise IndexError(f"ChunkedFrames takes non-empty slices with step 1, got {key}")
+        first, last = start // FRAME_CHUNK, (stop - 1) // FRAME_CHUNK
+        parts = [self.read_chunk(c) for c in range(first, last + 1)]
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return joined[start - first * FRAME_CHUNK: stop - first * FRAME_CHUNK]
+
+
+def episode_frames(length: int, member_bytes: Callable[[str], bytes], where: str) -> np.ndarray:
+    """All of an episode's frames from its frames members."""
+    chunks = range((length + FRAME_CHUNK - 1) // FRAME_CHUNK)
+    return np.concatenate([decode_chunk(member_bytes(frames_member(c)), f"{where}.{frames_member(c)}",
+                                        chunk_rows(length, c)) for c in chunks])
 
 
 def read_entry_info(index: ShardIndex, entry: dict, action_space: str | None = None) -> EpisodeInfo:
@@ -228,7 +273,7 @@ def shard_sources(root: str | Path) -> list[tuple[Path, str, EpisodeInfo, Callab
     index = ShardIndex.open(root)
 
     def frames(entry: dict) -> np.ndarray:
-        return decode_frames(index.read_member(entry, FRAMES_MEMBER), f"{entry['shard']}:{entry['key']}")
+        return episode_frames(entry["length"], partial(index.read_member, entry), f"{entry['shard']}:{entry['key']}")
 
     def copy_files(entry: dict, folder: Path) -> None:
         for name in (ACTIONS_FILE, REWARDS_FILE, OBSERVATIONS_FILE):
@@ -245,7 +290,7 @@ def shard_sources(root: str | Path) -> list[tuple[Path, str, EpisodeInfo, Callab
 class ShardedSequenceDataset(SequenceDataset):
     """SequenceDataset over a shard folder or URL (module doc); items, windows and split are the same."""
 
-    cache_episodes = 8  # decoded episodes kept per process
+    cache_items = 32  # decoded frame chunks (and observations) kept per process
 
     def __init__(self, root: str | Path, *args, **kwargs):
         self._index = ShardIndex.open(root)  # before SequenceDataset's Path(root), which mangles URLs
@@ -266,13 +311,17 @@ class ShardedSequenceDataset(SequenceDataset):
         key = (str(info.path), member)
         if key not in cache:
             cache[key] = decode(self._index.read_member(info.entry, member), f"{info.path}.{member}")
-            while len(cache) > self.cache_episodes:
+            while len(cache) > self.cache_items:
                 cache.popitem(last=False)
         cache.move_to_end(key)
         return cache[key]
 
-    def _load_frames(self, info: EpisodeInfo) -> np.ndarray:
-        return self._cached(info, FRAMES_MEMBER, decode_frames)
+    def _load_frames(self, info: EpisodeInfo) -> ChunkedFrames:
+        def read_chunk(chunk: int) -> np.ndarray:
+            rows = chunk_rows(info.length, chunk)
+            return self._cached(info, frames_member(chunk), lambda data, what: decode_chunk(data, what, rows))
+
+        return ChunkedFrames(info.length, read_chunk)
 
     def _load_semantic(self, info: EpisodeInfo) -> np.ndarray:
         return self._cached(info, OBSERVATIONS_FILE, _npz)["semantic"]
@@ -327,9 +376,9 @@ class ShardedWindowStream(IterableDataset):
         for url, sample in self._samples(urls):
             name = sample["name.txt"].decode()
             where = f"{url}:{sample['__key__']}"
-            frames = decode_frames(sample[FRAMES_MEMBER], f"{where}.{FRAMES_MEMBER}")
             codes, _ = space.codes_from_actions(_npz(sample[ACTIONS_FILE], f"{where}.{ACTIONS_FILE}"))
             rewards = _npy(sample[REWARDS_FILE], f"{where}.{REWARDS_FILE}").astype(np.float32)
+            frames = episode_frames(len(rewards), sample.__getitem__, where)
             _, starts = window_starts([len(frames)], self.seq_len, self.stride)
             for start in starts:
                 if skip:
