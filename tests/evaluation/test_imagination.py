@@ -21,21 +21,21 @@ from .test_eval_crafter import make_agent_checkpoint
 
 
 def test_replaying_recorded_actions_gives_the_recorded_frames_and_rewards(tiny_crafter_root):
-    seeds = episode_seeds(tiny_crafter_root)
+    seeds, max_steps = episode_seeds(tiny_crafter_root)
     for name in ("episode_00000", "episode_00002"):
         episode = tiny_crafter_root / name
         actions = load_actions(episode)["action"]
-        _, frames, rewards = replay(seeds[name], actions, seeds["_max_steps"])
+        _, frames, rewards = replay(seeds[name], actions, max_steps)
         assert np.array_equal(frames[:-1], load_frames(episode))  # the recording drops the frame after the last step
         assert np.array_equal(rewards, load_rewards(episode))
 
 
 def test_play_actions_continues_the_replayed_state(tiny_crafter_root):
-    seeds = episode_seeds(tiny_crafter_root)
+    seeds, max_steps = episode_seeds(tiny_crafter_root)
     actions = load_actions(tiny_crafter_root / "episode_00001")["action"]
-    env, _, _ = replay(seeds["episode_00001"], actions[:10], seeds["_max_steps"])
+    env, _, _ = replay(seeds["episode_00001"], actions[:10], max_steps)
     real = play_actions(env, actions[10:25])
-    _, frames, rewards = replay(seeds["episode_00001"], actions[:25], seeds["_max_steps"])
+    _, frames, rewards = replay(seeds["episode_00001"], actions[:25], max_steps)
     assert np.array_equal(real["frames"], frames[11:26]) and np.array_equal(real["reward"], rewards[10:25])
     assert real["alive"].all() and not real["died"].any()
 

@@ -46,8 +46,9 @@ from dreamerv4.evaluation.metrics import psnr
 UNLOCK_REWARD = 0.5  # a step's reward above this is an achievement unlock (+1); health changes are +-0.1 each
 
 
-def episode_seeds(data: Path) -> dict[str, int]:
-    """{episode folder name: crafter.Env seed} from the recording.json that `data crafter` writes."""
+def episode_seeds(data: Path) -> tuple[dict[str, int], int]:
+    """({episode folder name: crafter.Env seed}, episode length cap) from the recording.json that
+    `data crafter` writes."""
     path = data / "recording.json"
     try:
         summary = json.loads(path.read_text())
@@ -56,7 +57,7 @@ def episode_seeds(data: Path) -> dict[str, int]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: needed to replay the recorded episodes, unreadable "
                         f"({type(exc).__name__}: {exc}); record the data with `dreamerv4 data crafter`") from exc
-    return {f"episode_{i:05d}": seed for i, seed in enumerate(seeds)} | {"_max_steps": max_steps}
+    return {f"episode_{i:05d}": seed for i, seed in enumerate(seeds)}, max_steps
 
 
 def replay(env_seed: int, actions: np.ndarray, max_steps: int = 10000):
@@ -181,14 +182,15 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
     context = context or max(1, min(4, max_frames - 1))
     if context >= max_frames:
         raise UserError(f"--context {context} must be below the agent's training window of {max_frames} frames")
-    seeds = episode_seeds(data)
-    max_steps = seeds.pop("_max_steps")
+    seeds, max_steps = episode_seeds(data)
     episodes = {p.name: p for p in find_episodes(data) if p.name in seeds}
     if not episodes:
         raise DataError(f"{data}: no recorded episode named in its recording.json")
     lengths = {name: len(load_rewards(path)) for name, path in episodes.items()}
     picks = _pick_starts(lengths, starts, context, np.random.default_rng(seed))
     generator = torch.Generator().manual_seed(seed)
+    # Starts visit the episodes in turn: each episode's actions and latents are computed once
+    # (frames stay memory-mapped; latents are 2 KiB a frame).
     cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     im = {k: [] for k in ("reward", "continue", "latent_mse", "psnr")}
     re = {k: [] for k in ("reward", "alive", "died", "unlock", "repeat", "health")}
@@ -198,7 +200,7 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
         if name not in cache:
             frames = load_frames(episodes[name])
             codes = load_actions(episodes[name])["action"].astype(np.int64)
-            cache = {name: (frames, codes, encode_episode(tokenizer, frames, tok_context))}
+            cache[name] = (frames, codes, encode_episode(tokenizer, frames, tok_context))
         frames, codes, latents = cache[name]
         env, replayed, _ = replay(seeds[name], codes[:t0], max_steps)
         if not np.array_equal(replayed[-1], frames[t0]):
@@ -209,8 +211,11 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
                           max_frames=max_frames)
         actions = rollout["imagined_actions"][0].numpy()
         real = play_actions(env, actions)
-        real_latents = encode_episode(tokenizer, np.concatenate([frames[: t0 + 1], real["frames"]]),
-                                      tok_context)[t0 + 1:]
+        # Encoded as `data tokenize` would encode the continued episode: only the chunk holding frame
+        # t0 + 1 needs frames from before it (chunks are aligned at step 0).
+        chunk = tok_context * ((t0 + 1) // tok_context)
+        real_latents = encode_episode(tokenizer, np.concatenate([frames[chunk: t0 + 1], real["frames"]]),
+                                      tok_context)[t0 + 1 - chunk:]
         imagined_latents = rollout["imagined_latents"][0]
         decoded = decode_latents(tokenizer, imagined_latents[None], tok_context)[0].clamp(0, 1)
         truth = torch.from_numpy(real["frames"]).permute(0, 3, 1, 2).float() / 255.0

@@ -106,10 +106,17 @@ class MLPHead(nn.Module):
             width = hidden
         self.body = nn.Sequential(*blocks)
         self.out = nn.Linear(width, out_dim)
+        self.zero_init = zero_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)draw the initial weights (e.g. a critic that starts from scratch)."""
         for module in self.body:
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=module.in_features**-0.5)
-        if zero_init:
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        if self.zero_init:
             nn.init.zeros_(self.out.weight)
         else:
             nn.init.trunc_normal_(self.out.weight, std=0.02)

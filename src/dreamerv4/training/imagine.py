@@ -55,7 +55,6 @@ from dreamerv4.data.latents import LatentSequenceDataset
 from dreamerv4.errors import ConfigError
 from dreamerv4.models.agent import AgentModel, AgentRollout
 from dreamerv4.models.dynamics import NO_ACTION, previous_actions
-from dreamerv4.models.heads import MLPHead
 from dreamerv4.run_config import ImagineStage, RunConfig
 from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.returns import lambda_returns, pmpo_loss, value_loss
@@ -84,9 +83,7 @@ def freeze_for_imagination(agent: AgentModel) -> list[str]:
 
 def reset_value_head(agent: AgentModel) -> None:
     """Start the critic from scratch: a fresh value head (zero output layer: every value reads 0)."""
-    fresh = MLPHead(agent.width, agent.cfg.head_hidden or agent.width, agent.cfg.num_bins, agent.cfg.head_layers,
-                    zero_init=True)
-    agent.value_head.load_state_dict(fresh.state_dict())
+    agent.value_head.reset_parameters()
 
 
 @torch.no_grad()
