@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="real frames before each start (default: 4)")
     p.add_argument("--sampling-steps", type=int, default=None, help="shortcut steps K per frame (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the start states and the policy's draws")
+    p.add_argument("--reward", default="auto", choices=("auto", "head", "unlocks"),
+                   help="imagined reward as imagine.reward (auto: unlocks when the agent has an unlock head)")
     p.add_argument("--out", default=None, help="JSON report path (default: <run>/eval/imagination_<bc|imagine>.json)")
     p.set_defaults(handler="dreamerv4.evaluation.imagination:cmd_eval")
 

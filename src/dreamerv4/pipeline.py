@@ -215,7 +215,8 @@ def stage_eval_imagination(cfg: RunConfig) -> dict:
     for label, stage in (("bc", "agent"), ("imagine", "imagine")):
         report = evaluate_imagination(Path(cfg.out_dir) / stage / "checkpoint.pt", heldout,
                                       starts=cfg.eval.imagination_starts, horizon=cfg.imagine.horizon,
-                                      sampling_steps=cfg.imagine.sampling_steps, seed=cfg.eval.imagination_seed)
+                                      sampling_steps=cfg.imagine.sampling_steps, seed=cfg.eval.imagination_seed,
+                                      reward=cfg.imagine.reward)
         print(format_report(report))
         results[label] = {k: v for k, v in report.items() if k not in ("per_horizon", "out")}
     return results

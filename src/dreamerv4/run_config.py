@@ -67,6 +67,10 @@ class ImagineStage:
     beta: float = 0.3  # weight of the reverse KL to the frozen behaviour-cloning policy
     value_weight: float = 1.0
     fresh_value: bool = False  # start the value head from zero instead of the BC agent's (paper: trained in imagination)
+    # "head": r_t from the reward head; "unlocks": from the unlock head, paying an achievement only
+    # while it is not yet unlocked (needs agent.model.num_achievements; training/imagine.py)
+    reward: str = "head"
+    center_advantages: bool = False  # subtract the batch mean from A_t before PMPO takes signs (deviation)
     eval_episodes: int = 0  # real Crafter episodes every train.eval_every steps (0: no real-game evaluation)
     eval_seed: int = 200000  # first environment seed of those episodes (not eval crafter's 100000: no tuning on it)
     eval_max_steps: int = 10000  # episode length cap of those episodes (Crafter's own: 10000)
@@ -84,6 +88,8 @@ class ImagineStage:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.beta < 0 or self.value_weight < 0:
             raise ValueError(f"beta and value_weight must be >= 0, got {self.beta}, {self.value_weight}")
+        if self.reward not in ("head", "unlocks"):
+            raise ValueError(f"reward must be 'head' or 'unlocks', got {self.reward!r}")
 
 
 @dataclass

@@ -188,3 +188,20 @@ def test_dataset_reads_the_recorded_deaths_as_terminals(tokenized, tmp_path):
     np.savez_compressed(episode / "observations.npz", **observations)
     with pytest.raises(DataError, match="observations.npz: terminal has shape"):
         LatentSequenceDataset(out, seq_len=4, stride=4, val_fraction=0.0)
+
+
+def test_dataset_reads_the_recorded_achievements(tokenized, tmp_path):
+    out = Path(shutil.copytree(tokenized["out"], tmp_path / "latents"))
+    data = LatentSequenceDataset(out, seq_len=4, stride=4, val_fraction=0.0)
+    assert data.num_achievements == 22
+    name, start = data.window(0)
+    with np.load(out / name / "observations.npz") as npz:
+        observations = {k: npz[k] for k in npz.files}
+    item = data[0]
+    assert item["achievements"].dtype == torch.float32 and item["achievements"].shape == (4, 22)
+    assert np.array_equal(item["achievements"].numpy(), observations["achievements"][start:start + 4] > 0)
+    # An episode without the array reads K = 0; mixing it with K = 22 episodes is named, not a collate error.
+    del observations["achievements"]
+    np.savez_compressed(out / name / "observations.npz", **observations)
+    with pytest.raises(DataError, match="different numbers of achievements"):
+        LatentSequenceDataset(out, seq_len=4, stride=4, val_fraction=0.0)

@@ -25,14 +25,15 @@ from dreamerv4.training.loop import CHECKPOINT_FORMAT
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 
 
-def make_agent_checkpoint(root: Path) -> Path:
-    """An untrained tiny tokenizer + agent saved as finished training-loop checkpoints, in <root>/agent."""
+def make_agent_checkpoint(root: Path, agent_model: dict | None = None) -> Path:
+    """An untrained tiny tokenizer + agent saved as finished training-loop checkpoints, in <root>/agent
+    (agent_model: extra agent.model keys)."""
     cfg = from_dict(RunConfig, {
         "out_dir": str(root),
         "tokenizer": {"model": {"patch_size": 16, "encoder": NET, "decoder": NET}, "train": {"seq_len": 3}},
         "dynamics": {"model": {"transformer": NET}, "tokenizer_checkpoint": str(root / "tokenizer" / "checkpoint.pt"),
                      "latents": str(root / "latents")},
-        "agent": {"model": {"mtp_length": 2, "head_hidden": 16}, "train": {"seq_len": 4}},
+        "agent": {"model": {"mtp_length": 2, "head_hidden": 16, **(agent_model or {})}, "train": {"seq_len": 4}},
     })
     torch.manual_seed(0)
     base = {"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "done": True, "step": 1}

@@ -99,3 +99,37 @@ def test_instrument_needs_the_recording_summary(tiny_crafter_copy, tmp_path, cap
     assert "recording.json" in capsys.readouterr().err
     with pytest.raises(DataError):
         episode_seeds(tiny_crafter_copy)
+
+
+def test_instrument_with_unlocks_starts_from_the_recorded_achievements(tiny_crafter_root, tmp_path, monkeypatch, capsys):
+    from dreamerv4.training import imagine as imagine_module
+
+    plain = make_agent_checkpoint(tmp_path / "plain")
+    assert main(["eval", "imagination", "--checkpoint", str(plain), "--data", str(tiny_crafter_root),
+                 "--reward", "unlocks"]) == 2
+    assert "unlock head" in capsys.readouterr().err
+    checkpoint = make_agent_checkpoint(tmp_path / "run", {"num_achievements": 22})
+    replays, starts = [], []
+    original_replay, real_imagine = imagination.replay, imagine_module.imagine
+
+    def spy_replay(seed, actions, max_steps):
+        replays.append((seed, len(actions)))
+        return original_replay(seed, actions, max_steps)
+
+    def spy_imagine(*args, **kwargs):
+        starts.append(kwargs["unlocked"])
+        return real_imagine(*args, **kwargs)
+
+    monkeypatch.setattr(imagination, "replay", spy_replay)
+    monkeypatch.setattr(imagine_module, "imagine", spy_imagine, raising=True)
+    assert main(["eval", "imagination", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),
+                 "--starts", "3", "--horizon", "3", "--context", "2"]) == 0
+    report = json.loads((tmp_path / "run" / "eval" / "imagination_bc.json").read_text())
+    assert report["reward"] == "unlocks"  # auto: the agent has an unlock head
+    seeds, _ = episode_seeds(tiny_crafter_root)
+    by_seed = {seed: name for name, seed in seeds.items()}
+    assert len(starts) == len(replays) == 3
+    for (seed, t0), unlocked in zip(replays, starts):
+        with np.load(tiny_crafter_root / by_seed[seed] / "observations.npz") as npz:
+            recorded = npz["achievements"][t0] > 0
+        assert unlocked.shape == (1, 22) and np.array_equal(unlocked[0].numpy() > 0, recorded)

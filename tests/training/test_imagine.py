@@ -237,15 +237,16 @@ def test_pmpo_in_imagination_learns_to_pick_rewarded_actions():
 # --- train imagine end to end -----------------------------------------------------------------------
 
 
-def write_latent_folder(episodes_root: Path, out: Path) -> Path:
-    """A latent folder (manifest + random latents) for the recorded episodes, as `data tokenize` writes."""
+def write_latent_folder(episodes_root: Path, out: Path, observations: bool = False) -> Path:
+    """A latent folder (manifest + random latents) for the recorded episodes, as `data tokenize` writes
+    (with observations: their observations.npz too, as `data tokenize` copies it)."""
     out.mkdir(parents=True)
     g = np.random.default_rng(0)
     lengths = {}
     for episode in sorted(p for p in episodes_root.iterdir() if p.is_dir()):
         dest = out / episode.name
         dest.mkdir()
-        for name in ("actions.npz", "rewards.npy"):
+        for name in ("actions.npz", "rewards.npy") + (("observations.npz",) if observations else ()):
             (dest / name).write_bytes((episode / name).read_bytes())
         length = len(np.load(episode / "rewards.npy"))
         np.save(dest / LATENTS_FILE, g.uniform(-1, 1, (length, 16, 32)).astype(np.float32))
@@ -344,3 +345,81 @@ def test_train_imagine_missing_agent_checkpoint(tmp_path):
     cfg = RunConfig(out_dir=str(tmp_path / "run"))
     with pytest.raises(CheckpointError, match="agent/checkpoint.pt"):
         train_imagine(cfg)
+
+
+def unlock_agent(seed: int = 0, num_achievements: int = 3) -> AgentModel:
+    agent = tiny_agent(seed)
+    agent.cfg = dataclasses.replace(agent.cfg, num_achievements=num_achievements)
+    torch.manual_seed(seed)
+    fresh = AgentModel(agent.dynamics, agent.cfg)
+    fresh.load_state_dict(agent.state_dict(), strict=False)  # the tiny agent's weights plus an unlock head
+    return fresh
+
+
+def test_step_reward_pays_an_achievement_only_while_not_unlocked():
+    agent = unlock_agent()
+    with torch.no_grad():  # P = sigmoid(0) = 0.5 for each of 3 achievements, other reward 0.2
+        agent.unlock_head.out.weight.zero_()
+        agent.unlock_head.out.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.2]))
+    hidden = torch.randn(2, 32)
+    unlocked = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    reward, after = agent.step_reward(hidden, unlocked)
+    assert torch.allclose(reward, torch.tensor([0.2 + 1.5, 0.2 + 0.5]))
+    assert torch.allclose(after, torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.5]]))
+    # the same event again pays what is left: half of each achievement was already unlocked
+    again, _ = agent.step_reward(hidden, after)
+    assert torch.allclose(again, torch.tensor([0.2 + 0.75, 0.2 + 0.25]))
+    with pytest.raises(ValueError, match="unlocked must be"):
+        agent.step_reward(hidden, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="no unlock head"):
+        tiny_agent().unlocks(hidden)
+
+
+def test_imagine_with_unlocks_pays_less_once_unlocked():
+    agent = unlock_agent().eval()
+    with torch.no_grad():
+        agent.unlock_head.out.bias.copy_(torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    latents, actions = contexts()
+    kwargs = dict(horizon=3, steps=4, gamma=0.9, lam=0.5)
+    none = imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), unlocked=torch.zeros(4, 3), **kwargs)
+    done = imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), unlocked=torch.ones(4, 3), **kwargs)
+    assert torch.equal(none["imagined_actions"], done["imagined_actions"])  # same draws: only the reward differs
+    logits, other = agent.unlocks(none["agent_hidden"][:, 1:])
+    assert torch.allclose(done["imagined_rewards"], other, atol=1e-6)  # every achievement taken: only the rest pays
+    assert (none["imagined_rewards"] > done["imagined_rewards"]).all()
+    # unlocked accumulates: after H steps 1 - prod (1 - p_t)
+    expected = 1.0 - torch.prod(1.0 - torch.sigmoid(logits), dim=1)
+    assert torch.allclose(none["unlocked"], expected, atol=1e-6)
+    head = imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert "unlocked" not in head  # no start state: the reward head pays
+
+
+def test_centred_advantages_fill_both_pmpo_sets():
+    agent = tiny_agent().eval()
+    latents, actions = contexts(b=8)
+    out = imagine(agent, latents, actions, horizon=4, steps=4, generator=torch.Generator().manual_seed(0))
+    out["advantages"] = torch.rand(8, 4) + 1.0  # a critic that reads low everywhere: all positive
+    prior = PriorPolicy(agent)
+    _, plain = imagination_loss(agent, prior, out, ImagineStage())
+    _, centred = imagination_loss(agent, prior, out, ImagineStage(center_advantages=True))
+    assert float(plain["adv_pos_frac"]) == 1.0 and float(plain["adv_mean"]) > 1.0
+    assert 0.2 < float(centred["adv_pos_frac"]) < 0.8 and float(centred["adv_neg_frac"]) > 0.2
+    with pytest.raises(ValueError, match="reward must be"):
+        ImagineStage(reward="bogus")
+
+
+def test_train_imagine_with_unlocks_reward(tiny_crafter_root, tmp_path):
+    train_cfg = TrainConfig(steps=2, batch_size=2, seq_len=2, lr=1e-2, warmup_steps=1, precision="fp32",
+                            log_every=1, ckpt_every=10, tensorboard=False)
+    stage = ImagineStage(train=train_cfg, horizon=2, sampling_steps=2, reward="unlocks", center_advantages=True)
+    no_head = write_latent_folder(tiny_crafter_root, tmp_path / "plain")
+    _, cfg = write_agent_run(tiny_agent(), tmp_path / "run", no_head)
+    with pytest.raises(ConfigError, match="imagine.reward = unlocks needs an agent with an unlock head"):
+        train_imagine(dataclasses.replace(cfg, imagine=stage))
+    latents = write_latent_folder(tiny_crafter_root, tmp_path / "latents", observations=True)
+    agent = unlock_agent(num_achievements=22)
+    _, cfg = write_agent_run(agent, tmp_path / "run2", latents)
+    summary = train_imagine(dataclasses.replace(cfg, imagine=stage))
+    assert summary.done
+    records = [json.loads(line) for line in (tmp_path / "run2" / "imagine" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["imagined_reward"]) and np.isfinite(r["adv_mean"]) for r in records if r.get("kind") == "train")

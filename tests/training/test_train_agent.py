@@ -154,3 +154,57 @@ def test_clear_errors(dynamics_run, tiny_crafter_root, tmp_path):
     train_agent(cfg)
     with pytest.raises(UserError, match="already holds"):
         train_agent(cfg)
+
+
+def test_unlock_targets_mark_first_unlocks_and_split_the_reward():
+    from dreamerv4.training.agent import unlock_targets
+
+    # two achievements; the first unlocked by the action before frame 1 (reward 1), a health loss
+    # before frame 2 (-0.1), the second unlocked with a health gain before frame 3 (1.1)
+    achievements = torch.tensor([[[0, 0], [1, 0], [1, 0], [1, 1]]], dtype=torch.float32)
+    rewards = torch.tensor([[1.0, -0.1, 1.1, 0.0]])
+    target = unlock_targets(achievements, rewards)
+    assert target["unlocked"].tolist() == [[[1, 0], [0, 0], [0, 1]]]
+    assert target["valid"].tolist() == [[[1, 1], [0, 1], [0, 1]]]  # an unlocked achievement is not a target
+    assert torch.allclose(target["other"], torch.tensor([[0.0, -0.1, 0.1]]))
+
+
+def test_unlock_head_loss_reads_only_achievements_not_yet_unlocked():
+    from dreamerv4.models.agent import AgentConfig, AgentModel
+    from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel
+    from dreamerv4.models.transformer import TransformerConfig
+    from dreamerv4.training.agent import agent_losses
+
+    stack = TransformerConfig(embed_dim=16, depth=2, num_heads=2, num_kv_heads=2, time_every=2, num_registers=1)
+    model = AgentModel(DynamicsModel(DynamicsConfig(transformer=stack)), AgentConfig(mtp_length=2, num_achievements=2))
+    actions = torch.zeros(1, 3, dtype=torch.int64)
+    achievements = torch.tensor([[[0, 0], [1, 0], [1, 0]]], dtype=torch.float32)
+    rewards = torch.tensor([[1.0, 0.1, 0.0]])
+    out = model(torch.zeros(1, 3, 16, 32), actions)
+    assert out["unlock_logits"].shape == (1, 3, 2) and out["other_reward"].shape == (1, 3)
+    logits = torch.tensor([[[0.0, 0.0], [2.0, -1.0], [7.0, -3.0]]])  # frame 2's 7.0: achievement 0, already unlocked
+    out["unlock_logits"], out["other_reward"] = logits, torch.tensor([[0.0, 0.5, 0.0]])
+    losses = agent_losses(model, out, actions, rewards, achievements=achievements)
+    p = torch.sigmoid(logits[0])
+    bce = -(torch.log(p[1, 0]) + torch.log(1 - p[1, 1]) + torch.log(1 - p[2, 1])) / 2  # 2 steps, 3 valid entries
+    mse = ((0.5 - 0.0) ** 2 + (0.0 - 0.1) ** 2) / 2
+    assert torch.allclose(losses["unlock_nll"], bce + mse)
+    with pytest.raises(UserError, match="records 3 achievements"):
+        agent_losses(model, out, actions, rewards, achievements=torch.zeros(1, 3, 3))
+
+
+def test_agent_with_unlock_head_learns_the_unlocks(dynamics_run, tiny_crafter_root, tmp_path):
+    cfg = config_for(dynamics_run, tmp_path, tiny_crafter_root, agent_train={
+        "steps": 30, "batch_size": 4, "seq_len": 8, "warmup_steps": 5, "log_every": 10})
+    cfg = dataclasses.replace(cfg, agent=dataclasses.replace(
+        cfg.agent, model=dataclasses.replace(cfg.agent.model, num_achievements=22)))
+    summary = train_agent(cfg)
+    assert summary.done
+    records = read_metrics(tmp_path / "run" / "agent", "train")
+    assert records[-1]["unlock_nll"] < records[0]["unlock_nll"]
+    agent, _ = load_agent(tmp_path / "run" / "agent" / "checkpoint.pt")
+    assert agent.has_unlock_head and agent.cfg.num_achievements == 22
+    wrong = dataclasses.replace(cfg, out_dir=str(tmp_path / "wrong"), agent=dataclasses.replace(
+        cfg.agent, model=dataclasses.replace(cfg.agent.model, num_achievements=5)))
+    with pytest.raises(UserError, match="record 22 achievements, but agent.model.num_achievements is 5"):
+        train_agent(wrong)

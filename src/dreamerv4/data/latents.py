@@ -13,7 +13,9 @@ train/validation split, `data/dataset.py`):
     <episode>/latents.npy          (T, 16, 32) float32, the tokenizer's latents of frames.npy
     <episode>/actions.npz, rewards.npy, observations.npz (when present): copied byte for byte
 Items also carry `terminals` (seq_len,) bool: the step ended the episode by the player's death
-(observations.npz `terminal`, recorded for Crafter; all False when an episode has none).
+(observations.npz `terminal`, recorded for Crafter; all False when an episode has none) and
+`achievements` (seq_len, K): which achievements were unlocked before each frame (Crafter: K = 22, the
+sorted names; K = 0 when not recorded).
 A dataset therefore knows which tokenizer made it: `train dynamics` refuses latents whose
 fingerprint differs from the tokenizer checkpoint it decodes with.
 
@@ -159,22 +161,46 @@ class LatentEpisodeInfo:
     codes: np.ndarray  # (T,) int64 packed action codes
     rewards: np.ndarray  # (T,) float32
     terminals: np.ndarray  # (T,) bool, True where the step ended the episode by death
+    achievements: np.ndarray  # (T, K) float32, 1 where achievement k was unlocked before frame t (K = 0: none)
+
+
+def _observation(episode: Path, key: str, length: int) -> np.ndarray | None:
+    """observations.npz[key] with `length` rows, or None when the episode records no such array."""
+    if not has_observations(episode):
+        return None
+    try:
+        with np.load(episode / OBSERVATIONS_FILE, allow_pickle=False) as npz:
+            if key not in npz.files:
+                return None
+            value = npz[key]
+    except Exception as exc:
+        raise DataError(f"{episode / OBSERVATIONS_FILE}: unreadable or truncated ({type(exc).__name__}: {exc})") from exc
+    if value.ndim not in (1, 2) or len(value) != length:
+        raise DataError(f"{episode / OBSERVATIONS_FILE}: {key} has shape {value.shape}, expected ({length},"
+                        f"{'' if key == 'terminal' else ' K'})")
+    return value
 
 
 def _terminals(episode: Path, length: int) -> np.ndarray:
     """observations.npz `terminal` as (T,) bool, or all False when the episode records none."""
-    if not has_observations(episode):
+    terminal = _observation(episode, "terminal", length)
+    if terminal is None:
         return np.zeros(length, bool)
-    try:
-        with np.load(episode / OBSERVATIONS_FILE, allow_pickle=False) as npz:
-            if "terminal" not in npz.files:
-                return np.zeros(length, bool)
-            terminal = npz["terminal"]
-    except Exception as exc:
-        raise DataError(f"{episode / OBSERVATIONS_FILE}: unreadable or truncated ({type(exc).__name__}: {exc})") from exc
-    if terminal.shape != (length,):
+    if terminal.ndim != 1:
         raise DataError(f"{episode / OBSERVATIONS_FILE}: terminal has shape {terminal.shape}, expected ({length},)")
     return terminal.astype(bool)
+
+
+def _achievements(episode: Path, length: int) -> np.ndarray:
+    """observations.npz `achievements` (T, K): 1 where achievement k was unlocked before frame t; (T, 0)
+    when the episode records none."""
+    achievements = _observation(episode, "achievements", length)
+    if achievements is None:
+        return np.zeros((length, 0), np.float32)
+    if achievements.ndim != 2:
+        raise DataError(f"{episode / OBSERVATIONS_FILE}: achievements has shape {achievements.shape}, "
+                        f"expected ({length}, K)")
+    return (achievements > 0).astype(np.float32)
 
 
 def read_latent_episode(episode: str | Path, action_space: str, shape: tuple[int, int]) -> LatentEpisodeInfo:
@@ -196,7 +222,8 @@ def read_latent_episode(episode: str | Path, action_space: str, shape: tuple[int
     lengths = {LATENTS_FILE: len(latents), ACTIONS_FILE: len(codes), REWARDS_FILE: len(rewards)}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{episode}: lengths differ ({', '.join(f'{k} {n}' for k, n in lengths.items())})")
-    return LatentEpisodeInfo(episode, len(latents), codes, rewards, _terminals(episode, len(latents)))
+    return LatentEpisodeInfo(episode, len(latents), codes, rewards, _terminals(episode, len(latents)),
+                             _achievements(episode, len(latents)))
 
 
 class LatentSequenceDataset(Dataset):
@@ -204,7 +231,7 @@ class LatentSequenceDataset(Dataset):
     (`window_starts`, `split_episodes`: the same episode names land on the same side).
 
     Item i: latents (seq_len, L, C) float32, actions (seq_len,) int64, rewards (seq_len,) float32,
-    terminals (seq_len,) bool.
+    terminals (seq_len,) bool, achievements (seq_len, K) float32 (K = 0 when not recorded).
     Every episode is checked when the dataset is built (DataError naming the file); `manifest` is the
     folder's manifest (the tokenizer that made it). Latents are memory-mapped lazily per process.
     """
@@ -238,6 +265,11 @@ class LatentSequenceDataset(Dataset):
                 continue
             self.episodes.append(info)
             self.episode_names.append(name)
+        widths = {info.achievements.shape[1] for info in self.episodes}
+        if len(widths) > 1:
+            raise DataError(f"{self.root}: episodes record different numbers of achievements ({sorted(widths)}); "
+                            "re-record or convert them with one tool")
+        self.num_achievements = widths.pop() if widths else 0
         self._window_episode, self._window_start = window_starts([i.length for i in self.episodes], seq_len, stride)
         if not len(self._window_start):
             raise DataError(f"{self.root}: no window of {seq_len} steps in the {split} split "
@@ -273,6 +305,7 @@ class LatentSequenceDataset(Dataset):
             "actions": torch.from_numpy(info.codes[start:stop].copy()),
             "rewards": torch.from_numpy(info.rewards[start:stop].copy()),
             "terminals": torch.from_numpy(info.terminals[start:stop].copy()),
+            "achievements": torch.from_numpy(info.achievements[start:stop].copy()),
         }
 
     def __repr__(self) -> str:

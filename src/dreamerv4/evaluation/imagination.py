@@ -161,9 +161,11 @@ def _pick_starts(lengths: dict[str, int], count: int, context: int, rng: np.rand
 @torch.no_grad()
 def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int = 64, horizon: int = 15,
                          seed: int = 0, sampling_steps: int | None = None, context: int | None = None,
-                         out: str | Path | None = None, progress: bool = True) -> dict:
+                         out: str | Path | None = None, progress: bool = True, reward: str = "auto") -> dict:
     """Run the instrument (module docstring) for the agent or imagine checkpoint; returns the report,
-    also written as JSON (default: <run>/eval/imagination_<bc|imagine>.json)."""
+    also written as JSON (default: <run>/eval/imagination_<bc|imagine>.json). reward: the imagined
+    reward, as `imagine.reward` ("head" or "unlocks", which starts from the replayed state's unlocked
+    achievements); "auto": unlocks when the agent has an unlock head."""
     from dreamerv4.evaluation.agent import tokenizer_context
     from dreamerv4.evaluation.tokenizer import load_tokenizer
     from dreamerv4.training.agent import load_agent
@@ -176,6 +178,10 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
     agent, run = load_agent(checkpoint)
     if agent.action_space.name != "crafter":
         raise UserError(f"{checkpoint}: a {agent.action_space.name} agent; the instrument replays Crafter")
+    if reward == "auto":
+        reward = "unlocks" if agent.has_unlock_head else "head"
+    if reward not in ("head", "unlocks") or (reward == "unlocks" and not agent.has_unlock_head):
+        raise UserError(f"--reward {reward}: expected auto, head or unlocks (unlocks needs an agent with an unlock head)")
     tokenizer, tok_cfg = load_tokenizer(run.dynamics.tokenizer_checkpoint)
     tok_context = tokenizer_context(run, tok_cfg)
     max_frames = run.agent.train.seq_len
@@ -207,8 +213,12 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
             mismatched += 1
         ctx = torch.from_numpy(np.array(latents[t0 - context + 1: t0 + 1]))[None]
         ctx_actions = torch.from_numpy(codes[t0 - context + 1: t0 + 1])[None]  # the last one is not used
+        unlocked = None
+        if reward == "unlocks":  # the achievements unlocked before the start, in the recording's (sorted) order
+            counts = env._player.achievements
+            unlocked = torch.tensor([[float(counts[k] > 0) for k in sorted(counts)]])
         rollout = imagine(agent, ctx, ctx_actions, horizon, sampling_steps, generator=generator,
-                          max_frames=max_frames)
+                          max_frames=max_frames, unlocked=unlocked)
         actions = rollout["imagined_actions"][0].numpy()
         real = play_actions(env, actions)
         # Encoded as `data tokenize` would encode the continued episode: only the chunk holding frame
@@ -231,7 +241,7 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
                         "(recorded with another Crafter version or not by `dreamerv4 data crafter`?)")
     report = summarize({k: np.stack(v) for k, v in im.items()}, {k: np.stack(v) for k, v in re.items()})
     label = policy_label(checkpoint)
-    report.update(policy=label, checkpoint=str(checkpoint), data=str(data), context=context, seed=seed,
+    report.update(policy=label, checkpoint=str(checkpoint), data=str(data), context=context, seed=seed, reward=reward,
                   sampling_steps=sampling_steps, seconds=round(time.perf_counter() - started, 2))
     if out is None:
         path = Path(checkpoint)
@@ -260,7 +270,7 @@ def format_report(r: dict) -> str:
 
 def cmd_eval(args) -> int:
     report = evaluate_imagination(args.checkpoint, args.data, args.starts, args.horizon, args.seed,
-                                  args.sampling_steps, args.context, args.out)
+                                  args.sampling_steps, args.context, args.out, reward=args.reward)
     print(format_report(report))
     print(f"  report {report['out']}")
     return 0

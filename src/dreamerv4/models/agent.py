@@ -7,6 +7,7 @@ docs/design.md, Models).
     out["reward_logits"]   (B,T,255)   offset 0
     out["value_logits"]    (B,T,255)
     out["continue_logits"] (B,T)       logit of P(the episode goes on after the action taken at frame t)
+    out["unlock_logits"] (B,T,K), out["other_reward"] (B,T)   only with an unlock head (num_achievements K > 0)
     out["policy_logits_mtp"] (B,T,L,A), out["reward_logits_mtp"] (B,T,L,255)   all L offsets
     out["predicted_latents"], out["noisy_latents"] (B,T,16,32)    the world model's output, unchanged
     out["agent_hidden"]    (B,T,width)  the agent tokens' transformer output (mean over agent tokens)
@@ -35,6 +36,11 @@ to it). With MTP offsets n = 0..L-1 (L = cfg.mtp_length):
   masked (offset-0 reward of a window's first frame, actions/rewards past the window end).
   This deliberately differs from reading rewards[t] at frame t: that reward depends on the action not
   yet taken, so in imagination the sampled action's reward would never reach its own return.
+- unlocks at frame t (like the reward, for the action that led to frame t): achievement k was
+  unlocked by it, achievements[t, k] - achievements[t - 1, k] (observations.npz `achievements`:
+  unlocked before each frame), trained only where k was not yet unlocked at t - 1, so the head learns
+  P(k happens) rather than P(k happens for the first time), which the screen cannot tell; the
+  other reward is rewards[t - 1] minus those unlocks (Crafter: the health change / 10).
 - value at frame t: the return from frame t onwards, sum_k gamma^k rewards[t + k] (Phase 3 trains it).
 - continuation at frame t: 1 - terminals[t], whether the episode goes on after the action taken at
   frame t (DreamerV4 Eq. 10's c_t). Read at frame t, not t+1 like the reward, because recordings
@@ -84,6 +90,12 @@ class AgentConfig:
     value_weight: float = 1.0  # value head on the behaviour policy's discounted return-to-go (0: off)
     value_gamma: float = 0.997  # discount of that return (Phase 3's gamma)
     continue_weight: float = 1.0  # continuation head on the recorded terminal flags (0: off, c_t = 1 in Phase 3)
+    # Unlock head (0: none): per achievement, P(it happens on this step | not yet unlocked), plus the
+    # rest of the reward (health). Crafter pays only an achievement's first unlock, which the screen
+    # does not show; Phase 3 can then pay sum_k P_k (1 - unlocked_k) with unlocked_k tracked along
+    # the rollout (imagine.reward = unlocks). Crafter has 22 achievements.
+    num_achievements: int = 0
+    unlock_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_agent_tokens < 1 or self.mtp_length < 1 or self.head_layers < 0 or self.head_hidden < 0:
@@ -93,7 +105,9 @@ class AgentConfig:
                              f"[{self.bin_low}, {self.bin_high}]")
         if not 0.0 <= self.value_gamma <= 1.0:
             raise ValueError(f"value_gamma must be in [0, 1], got {self.value_gamma}")
-        for name in ("bc_weight", "reward_weight", "video_weight", "value_weight", "continue_weight"):
+        if self.num_achievements < 0:
+            raise ValueError(f"num_achievements must be >= 0, got {self.num_achievements}")
+        for name in ("bc_weight", "reward_weight", "video_weight", "value_weight", "continue_weight", "unlock_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -135,6 +149,11 @@ class AgentModel(nn.Module):
         self.continue_head = MLPHead(width, hidden, 1, cfg.head_layers, zero_init=True)
         with torch.no_grad():  # start at P(continue) ~ 0.99: deaths are rare (about one step in 200)
             self.continue_head.out.bias.fill_(5.0)
+        if cfg.num_achievements:
+            # outputs: one unlock logit per achievement, then the other (health) reward
+            self.unlock_head = MLPHead(width, hidden, cfg.num_achievements + 1, cfg.head_layers, zero_init=True)
+            with torch.no_grad():  # start at P(unlock) ~ 0.007: an achievement happens on few steps
+                self.unlock_head.out.bias[:-1].fill_(-5.0)
         self.two_hot = TwoHot(cfg.num_bins, cfg.bin_low, cfg.bin_high)
 
     @classmethod
@@ -209,6 +228,31 @@ class AgentModel(nn.Module):
             return torch.ones(hidden.shape[:-1], device=hidden.device)
         return torch.sigmoid(self.continuation(hidden))
 
+    @property
+    def has_unlock_head(self) -> bool:
+        return self.cfg.num_achievements > 0
+
+    def unlocks(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., width) -> (unlock logits (..., K), other reward (...)) float32 for the action that led to
+        this frame (read like `reward`): logit of P(achievement k happened | it was not yet unlocked),
+        and the reward apart from unlocks (Crafter: the health change / 10)."""
+        if not self.has_unlock_head:
+            raise ValueError("this agent has no unlock head (agent.model.num_achievements is 0)")
+        out = self.unlock_head(hidden).float()
+        return out[..., :-1], out[..., -1]
+
+    def step_reward(self, hidden: torch.Tensor, unlocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expected reward for the action that led to this frame given which achievements were already
+        unlocked: other + sum_k P_k (1 - unlocked_k). hidden (..., width), unlocked (..., K) in [0, 1]
+        (probabilities along an imagined rollout) -> (reward (...), unlocked after this step (...,K))."""
+        logits, other = self.unlocks(hidden)
+        if unlocked.shape != logits.shape:
+            raise ValueError(f"unlocked must be (..., {logits.shape[-1]}) like the unlock logits, "
+                             f"got {tuple(unlocked.shape)}")
+        p = torch.sigmoid(logits)
+        fresh = p * (1.0 - unlocked.float())
+        return other + fresh.sum(-1), unlocked.float() + fresh
+
     # -- the output dict --------------------------------------------------------------------------
 
     def forward(
@@ -234,7 +278,11 @@ class AgentModel(nn.Module):
         noisy = add_noise(self.dynamics.to_model(latents), noise, tau)
         predicted, hidden = self.encode(noisy, previous_actions(actions), tau, d)
         policy, reward = self.policy_mtp(hidden), self.reward_mtp(hidden)
+        extra = {}
+        if self.has_unlock_head:
+            extra["unlock_logits"], extra["other_reward"] = self.unlocks(hidden)
         return {
+            **extra,
             "policy_logits": policy[:, :, 0],
             "reward_logits": reward[:, :, 0],
             "value_logits": self.value(hidden),

@@ -24,12 +24,16 @@ itself (training/loss_norm.py) so that no term wins by scale, then weighted (age
   the recording's end), a starting point for Phase 3's critic (value_weight 0 switches it off).
 - continue: binary cross-entropy of the continuation logit at frame t against 1 - terminals[t] (the
   recorded deaths; models/agent.py ALIGNMENT), Phase 3's c_t (continue_weight 0 switches it off).
+- unlock (only with agent.model.num_achievements > 0): binary cross-entropy per achievement of "the
+  action before frame t unlocked k", summed over the achievements not yet unlocked and averaged over
+  steps, plus the squared error of the other reward (`unlock_targets`); Phase 3's `imagine.reward =
+  unlocks` pays from it.
 Which frames the agent reads: its own pass over the window with every frame noised to the context
 signal level with d_min (tau = dynamics.model.context_signal, e.g. 58/64), the exact input it gets
 at play time (`AgentRollout.observe`) and in imagination. Reading the video loss's pass instead
 would show the heads frames at random tau down to pure noise, which play never produces.
 
-Logged: loss; video_loss (+ flow/bootstrap parts), bc_nll, reward_nll, value_nll, continue_nll (unnormalized);
+Logged: loss; video_loss (+ flow/bootstrap parts), bc_nll, reward_nll, value_nll, continue_nll, unlock_nll (unnormalized);
 bc_nll_0 and action_acc_0 (offset 0, the action taken now); reward_mae_0; and every
 `train.eval_every` steps the same offset-0 numbers on fixed validation windows (val_*).
 """
@@ -128,8 +132,19 @@ class WithReturns(Dataset):
         return item
 
 
+def unlock_targets(achievements: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Targets of the unlock head at frames 1..T-1 (models/agent.py ALIGNMENT) from achievements (B,T,K)
+    (unlocked before each frame) and rewards (B,T): {"unlocked" (B,T-1,K) 1 where the action before
+    frame t unlocked k, "valid" (B,T-1,K) where k was not unlocked before it, "other" (B,T-1) the rest of
+    that action's reward}."""
+    before, after = achievements[:, :-1].float(), achievements[:, 1:].float()
+    unlocked = (after - before).clamp_min(0.0)
+    return {"unlocked": unlocked, "valid": 1.0 - before, "other": rewards[:, :-1].float() - unlocked.sum(-1)}
+
+
 def agent_losses(model: AgentModel, out: dict, actions: torch.Tensor, rewards: torch.Tensor,
-                 returns: torch.Tensor | None = None, terminals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 returns: torch.Tensor | None = None, terminals: torch.Tensor | None = None,
+                 achievements: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The heads' terms of a window (unnormalized; module docstring) plus offset-0 diagnostics."""
     targets = mtp_targets(actions, rewards, model.cfg.mtp_length)
     action_valid, reward_valid = targets["action_valid"].float(), targets["reward_valid"].float()
@@ -152,6 +167,18 @@ def agent_losses(model: AgentModel, out: dict, actions: torch.Tensor, rewards: t
         losses["continue_nll"] = F.binary_cross_entropy_with_logits(out["continue_logits"], 1.0 - terminals.float())
         with torch.no_grad():
             losses["death_frac"] = terminals.float().mean()
+    if achievements is not None and model.has_unlock_head:
+        if achievements.shape[-1] != model.cfg.num_achievements:
+            raise ConfigError(f"the data records {achievements.shape[-1]} achievements, but "
+                              f"agent.model.num_achievements is {model.cfg.num_achievements}")
+        target = unlock_targets(achievements, rewards)
+        nll = F.binary_cross_entropy_with_logits(out["unlock_logits"][:, 1:], target["unlocked"], reduction="none")
+        valid = target["valid"]
+        # summed over achievements, averaged over steps: each step's unlock is one event to predict
+        losses["unlock_nll"] = (nll * valid).sum() / valid[..., 0].numel() \
+            + (out["other_reward"][:, 1:] - target["other"]).square().mean()
+        with torch.no_grad():
+            losses["unlock_frac"] = target["unlocked"].sum(-1).mean()
     return losses
 
 
@@ -178,6 +205,11 @@ def train_agent(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     model = AgentModel(dynamics, stage.model)
     weights = stage.model
     norms = {name: RunningRMS() for name in ("video", "bc", "reward", "value", "continue")}
+    if stage.model.num_achievements:
+        if latents.num_achievements != stage.model.num_achievements:
+            raise ConfigError(f"{stage.latents}: the episodes record {latents.num_achievements} achievements, but "
+                              f"agent.model.num_achievements is {stage.model.num_achievements} (0: no unlock head)")
+        norms["unlock"] = RunningRMS()
     device = resolve_device(stage.train)
 
     def loss_fn(model: AgentModel, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -185,13 +217,16 @@ def train_agent(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         video, video_metrics = shortcut_forcing_loss(model.dynamics, latents_, actions)
         out = model(latents_, actions)
         losses = agent_losses(model, out, actions, rewards, batch["returns"] if weights.value_weight > 0 else None,
-                              batch["terminals"] if weights.continue_weight > 0 else None)
+                              batch["terminals"] if weights.continue_weight > 0 else None,
+                              batch["achievements"] if weights.num_achievements else None)
         loss = weights.video_weight * norms["video"](video) + weights.bc_weight * norms["bc"](losses["bc_nll"]) \
             + weights.reward_weight * norms["reward"](losses["reward_nll"])
         if weights.value_weight > 0:
             loss = loss + weights.value_weight * norms["value"](losses["value_nll"])
         if weights.continue_weight > 0:
             loss = loss + weights.continue_weight * norms["continue"](losses["continue_nll"])
+        if weights.num_achievements:
+            loss = loss + weights.unlock_weight * norms["unlock"](losses["unlock_nll"])
         metrics = {k: v.detach() for k, v in losses.items()}
         metrics.update(video_loss=video.detach(), flow_loss=video_metrics["flow_loss"],
                        bootstrap_loss=video_metrics["bootstrap_loss"], x_mse=video_metrics["x_mse"])

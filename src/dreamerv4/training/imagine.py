@@ -10,13 +10,17 @@ one the agent was trained on). Each step:
 1. `imagine` (no grad): the frozen world model observes the context (KVCache), then for H =
    `imagine.horizon` steps the policy samples a_t at the latest frame s_t, the model generates s_{t+1}
    in K = `imagine.sampling_steps` shortcut steps and observes it. Per models/agent.py's ALIGNMENT
-   the reward for a_t is read at s_{t+1}: r_t = reward(h_{t+1}); v_t = value(h_t), t = 0..H.
+   the reward for a_t is read at s_{t+1}: r_t = reward(h_{t+1}); v_t = value(h_t), t = 0..H. With
+   imagine.reward = unlocks, r_t = other(h_{t+1}) + sum_k P_k(h_{t+1}) (1 - u_k): the unlock head's
+   achievements pay only while not yet unlocked, u starting from the context's recorded achievements
+   and accumulating P_k along the rollout (Crafter pays only first unlocks, which the screen does not show).
    The transformer never sees more than `imagine.max_context` frames at once (default
    agent.train.seq_len, the windows the agent was trained on): a full context restarts from its last
    half, exactly as the real-game policy of `dreamerv4 eval crafter` does. Continuation
    c_t = sigmoid(continuation(h_t)), the agent's head trained on the recorded deaths (Eq. 10; exactly
    1 when agent.model.continue_weight is 0).
-2. `lambda_returns` with gamma, lam and c_t, bootstrapped from v_H; advantages A_t = R_t - v_t (t < H).
+2. `lambda_returns` with gamma, lam and c_t, bootstrapped from v_H; advantages A_t = R_t - v_t (t < H);
+   with imagine.center_advantages minus their batch mean (so both PMPO sets fill when the critic is off).
 3. `pmpo_loss` on ln pi(a_t | s_t) with the reverse KL(pi || prior) to a frozen copy of the BC policy
    head (alpha, beta), plus value_weight x two-hot cross-entropy of value(h_t) against sg(R_t). Steps
    after an imagined death (alive_t = prod_{k<t} c_k below 0.5) count in neither loss.
@@ -29,7 +33,7 @@ checkpoint); the prior head is extra state. The run config saved with it has the
 `dynamics` and `agent` sections (what it started from).
 
 Writes `<out_dir>/imagine/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/. Logged: imagined_return
-(mean R_t), imagined_reward (mean sum of r_t over the horizon), adv_pos_frac (|D+|/N) and
+(mean R_t), imagined_reward (mean sum of r_t over the horizon), adv_mean (before centring), adv_pos_frac (|D+|/N) and
 adv_neg_frac, kl_prior, value_error (mean |v_t - R_t|), policy_loss, value_loss, entropy,
 continue_mean (mean c_t) and alive_frac (share of steps that count); with
 `imagine.eval_episodes` > 0 and `train.eval_every` > 0, crafter_return and crafter_score of that many
@@ -97,6 +101,7 @@ def imagine(
     lam: float = 0.95,
     generator: torch.Generator | None = None,
     max_frames: int | None = None,
+    unlocked: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Roll the frozen world model forward from real contexts with actions from the agent's policy.
 
@@ -115,6 +120,9 @@ def imagine(
     length it was trained on. When the context holds max_frames frames, a fresh rollout observes the
     last max_frames // 2 frames again (the first with no previous action), exactly as the real-game
     policy (evaluation/crafter.py AgentPolicy) caps its context; requires C < max_frames.
+    unlocked (B,K): the achievements unlocked before s_0 (None: rewards from the reward head). Given, the
+    reward is the unlock head's `step_reward`, which pays an achievement only while it is not yet
+    unlocked; unlocked_k accumulates P_k along the rollout (also returned, (B,K), after s_H).
     """
     b, c = context_latents.shape[:2]
     if horizon < 1:
@@ -145,7 +153,15 @@ def imagine(
         latents.append(frame)
         actions.append(action)
     agent_hidden = torch.stack(hiddens, dim=1).float()
-    rewards = agent.two_hot.decode(agent.reward(agent_hidden[:, 1:]))
+    extra = {}
+    if unlocked is None:
+        rewards = agent.two_hot.decode(agent.reward(agent_hidden[:, 1:]))
+    else:
+        step_rewards, progress = [], unlocked.float()
+        for t in range(horizon):
+            reward, progress = agent.step_reward(agent_hidden[:, t + 1], progress)
+            step_rewards.append(reward)
+        rewards, extra["unlocked"] = torch.stack(step_rewards, dim=1), progress
     values = agent.two_hot.decode(agent.value(agent_hidden))
     continues = agent.continue_prob(agent_hidden[:, :-1])
     alive = torch.cumprod(torch.cat((torch.ones_like(continues[:, :1]), continues[:, :-1]), dim=1), dim=1)
@@ -160,6 +176,7 @@ def imagine(
         "alive": alive,
         "values": values,
         "agent_hidden": agent_hidden,
+        **extra,
     }
 
 
@@ -175,8 +192,12 @@ def imagination_loss(
         prior_logits = prior(hidden)
     kl = space.kl(logits, prior_logits)
     alive = rollout["alive"] >= 0.5
-    policy_loss, stats = pmpo_loss(log_probs, rollout["advantages"], kl, alpha=stage.alpha, beta=stage.beta,
-                                   mask=alive)
+    advantages = rollout["advantages"]
+    if stage.center_advantages and alive.any():
+        # a critic that reads low (or high) everywhere puts every sample in one PMPO set; centring keeps
+        # the sign's meaning "better than this batch's average" (a deviation from Eq. 11, docs/design.md)
+        advantages = advantages - advantages[alive].mean()
+    policy_loss, stats = pmpo_loss(log_probs, advantages, kl, alpha=stage.alpha, beta=stage.beta, mask=alive)
     value_logits = agent.value(hidden)
     v_loss = value_loss(value_logits, rollout["returns"], agent.two_hot, mask=alive)
     loss = policy_loss + stage.value_weight * v_loss
@@ -185,6 +206,7 @@ def imagination_loss(
             "imagined_return": rollout["returns"].mean(),
             "imagined_reward": rollout["imagined_rewards"].sum(1).mean(),
             "adv_pos_frac": stats["pos_frac"],
+            "adv_mean": rollout["advantages"][alive].mean() if alive.any() else torch.zeros(()),
             "adv_neg_frac": stats["neg_frac"],
             "kl_prior": stats["kl"],
             "value_error": (rollout["values"][:, :-1] - rollout["returns"]).abs().mean(),
@@ -226,6 +248,10 @@ def train_imagine(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     if stage.train.seq_len >= max_frames:
         raise ConfigError(f"imagine.train.seq_len ({stage.train.seq_len}, the real context) must be below "
                           f"imagine.max_context ({max_frames}; 0 means agent.train.seq_len)")
+    if stage.reward == "unlocks" and (not agent.has_unlock_head or data.num_achievements != agent.cfg.num_achievements):
+        raise ConfigError(f"imagine.reward = unlocks needs an agent with an unlock head (agent.model.num_achievements, "
+                          f"here {agent.cfg.num_achievements}) and latents that record as many achievements "
+                          f"({latents_path}: {data.num_achievements})")
     if stage.fresh_value:
         reset_value_head(agent)
     freeze_for_imagination(agent)
@@ -233,8 +259,9 @@ def train_imagine(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     torch.manual_seed(stage.train.seed)
 
     def loss_fn(model: AgentModel, batch: dict) -> tuple[torch.Tensor, dict]:
+        unlocked = batch["achievements"][:, -1] if stage.reward == "unlocks" else None  # before s_0
         rollout = imagine(model, batch["latents"], batch["actions"], stage.horizon, stage.sampling_steps,
-                          gamma=stage.gamma, lam=stage.lam, max_frames=max_frames)
+                          gamma=stage.gamma, lam=stage.lam, max_frames=max_frames, unlocked=unlocked)
         return imagination_loss(model, prior, rollout, stage)
 
     eval_fn = None
