@@ -191,7 +191,7 @@ def _terminals(episode: Path, length: int) -> np.ndarray:
     return terminal.astype(bool)
 
 
-def _achievements(episode: Path, length: int) -> np.ndarray:
+def read_achievements(episode: Path, length: int) -> np.ndarray:
     """observations.npz `achievements` (T, K): 1 where achievement k was unlocked before frame t; (T, 0)
     when the episode records none."""
     achievements = _observation(episode, "achievements", length)
@@ -223,7 +223,7 @@ def read_latent_episode(episode: str | Path, action_space: str, shape: tuple[int
     if len(set(lengths.values())) > 1:
         raise DataError(f"{episode}: lengths differ ({', '.join(f'{k} {n}' for k, n in lengths.items())})")
     return LatentEpisodeInfo(episode, len(latents), codes, rewards, _terminals(episode, len(latents)),
-                             _achievements(episode, len(latents)))
+                             read_achievements(episode, len(latents)))
 
 
 class LatentSequenceDataset(Dataset):

@@ -24,6 +24,8 @@ Rewards (reward offset 0 at frame t + 1 against rewards[t], the reward for the a
   > 0.5 selects exactly the achievement unlocks, the rare events that matter (health changes are
   frequent and mostly follow from hunger/thirst timers). auroc_positive uses reward > 0 instead.
   AUROC is the Mann-Whitney statistic with ties counted half; null when a class is empty.
+  unlock_reward (agents with an unlock head): mae and auroc of `AgentModel.step_reward` given the
+  recorded unlocked achievements, the reward `imagine.reward = unlocks` pays.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import find_episodes, load_frames, read_episode_info
-from dreamerv4.data.latents import MANIFEST_FILE, LatentSequenceDataset, encode_episode
+from dreamerv4.data.latents import MANIFEST_FILE, LatentSequenceDataset, encode_episode, read_achievements
 from dreamerv4.errors import DataError
 from dreamerv4.models.agent import AgentModel
 from dreamerv4.run_config import RunConfig
@@ -79,12 +81,14 @@ def tokenizer_context(run: RunConfig, tokenizer_cfg: RunConfig) -> int:
 
 
 def heldout_windows(data: str | Path, run: RunConfig, seq_len: int) -> list[dict[str, np.ndarray]]:
-    """Non-overlapping windows {latents (T,L,C), actions (T,), rewards (T,)} of a latent or episode folder."""
+    """Non-overlapping windows {latents (T,L,C), actions (T,), rewards (T,), achievements (T,K)} of a latent
+    or episode folder (K = 0 when the episodes record no achievements)."""
     data = Path(data)
     space = run.dynamics.model.action_space
     if (data / MANIFEST_FILE).is_file():
         ds = LatentSequenceDataset(data, seq_len=seq_len, stride=seq_len, split="all", action_space=space)
-        episodes = [(np.asarray(np.load(i.path / "latents.npy", mmap_mode="r")), i.codes, i.rewards) for i in ds.episodes]
+        episodes = [(np.asarray(np.load(i.path / "latents.npy", mmap_mode="r")), i.codes, i.rewards, i.achievements)
+                    for i in ds.episodes]
     else:
         from dreamerv4.evaluation.tokenizer import load_tokenizer
 
@@ -97,12 +101,14 @@ def heldout_windows(data: str | Path, run: RunConfig, seq_len: int) -> list[dict
         for path in paths:
             info = read_episode_info(path, space)
             if info.length >= seq_len:
-                episodes.append((encode_episode(tokenizer, load_frames(path), context), info.codes, info.rewards))
+                episodes.append((encode_episode(tokenizer, load_frames(path), context), info.codes, info.rewards,
+                                 read_achievements(path, info.length)))
     windows = []
-    for latents, codes, rewards in episodes:
+    for latents, codes, rewards, achievements in episodes:
         for start in range(0, len(codes) - seq_len + 1, seq_len):
             stop = start + seq_len
-            windows.append({"latents": latents[start:stop], "actions": codes[start:stop], "rewards": rewards[start:stop]})
+            windows.append({"latents": latents[start:stop], "actions": codes[start:stop], "rewards": rewards[start:stop],
+                            "achievements": achievements[start:stop]})
     if not windows:
         raise DataError(f"{data}: no episode of at least {seq_len} steps")
     return windows
@@ -155,7 +161,8 @@ def predict(agent: AgentModel, windows: list[dict], seed: int = 0) -> dict[str, 
     generator = torch.Generator().manual_seed(seed)
     logp = {c.name: [] for c in space.components}
     mode_ok = {c.name: [] for c in space.components}
-    reward_pred, reward_true = [], []
+    reward_pred, reward_true, unlock_pred = [], [], []
+    use_unlocks = agent.has_unlock_head and windows[0]["achievements"].shape[-1] == agent.cfg.num_achievements
     for i in range(0, len(windows), BATCH):
         chunk = windows[i: i + BATCH]
         latents = torch.from_numpy(np.stack([w["latents"] for w in chunk])).float()
@@ -170,9 +177,15 @@ def predict(agent: AgentModel, windows: list[dict], seed: int = 0) -> dict[str, 
             mode_ok[name].append((predicted[name] == recorded[name]).flatten().numpy())
         reward_pred.append(agent.two_hot.decode(out["reward_logits"][:, 1:]).flatten().numpy())
         reward_true.append(rewards[:, :-1].reshape(-1))
+        if use_unlocks:  # what imagine.reward = unlocks pays, given the recorded unlocked achievements
+            before = torch.from_numpy(np.stack([w["achievements"] for w in chunk])[:, :-1]).float()
+            unlock_pred.append(agent.step_reward(out["agent_hidden"][:, 1:].float(), before)[0].flatten().numpy())
     cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}  # noqa: E731
-    return {"log_prob": cat(logp), "correct": cat(mode_ok), "reward_pred": np.concatenate(reward_pred),
-            "reward_true": np.concatenate(reward_true)}
+    result = {"log_prob": cat(logp), "correct": cat(mode_ok), "reward_pred": np.concatenate(reward_pred),
+              "reward_true": np.concatenate(reward_true)}
+    if use_unlocks:
+        result["unlock_reward_pred"] = np.concatenate(unlock_pred)
+    return result
 
 
 def evaluate_agent(checkpoint: str | Path, data: str | Path, out: str | Path | None = None) -> dict:
@@ -223,6 +236,10 @@ def evaluate_agent(checkpoint: str | Path, data: str | Path, out: str | Path | N
             "positive_steps": int((r_true > 0).sum()),
             "auroc_positive": auroc(r_pred, r_true > 0),
         },
+        **({"unlock_reward": {  # the unlock head's reward given the recorded unlocked achievements
+            "mae": float(np.abs(pred["unlock_reward_pred"] - r_true).mean()),
+            "auroc": auroc(pred["unlock_reward_pred"], r_true > REWARD_EVENT),
+        }} if "unlock_reward_pred" in pred else {}),
         "seconds": round(time.perf_counter() - started, 2),
     }
     out = Path(out) if out is not None else Path(checkpoint).with_name("eval.json")
@@ -249,4 +266,7 @@ def cmd_eval(args) -> int:
     auc = "n/a" if w["auroc"] is None else f"{w['auroc']:.3f}"
     print(f"  reward: mae {w['mae']:.4f} (constant mean {w['baseline_mae']:.4f}), AUROC of {w['events']} "
           f"reward > {REWARD_EVENT} steps {auc}")
+    if "unlock_reward" in r:
+        u = r["unlock_reward"]
+        print(f"  unlock head's reward: mae {u['mae']:.4f}, AUROC " + ("n/a" if u["auroc"] is None else f"{u['auroc']:.3f}"))
     return 0
