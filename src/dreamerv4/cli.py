@@ -1,6 +1,7 @@
 """The `dreamerv4` command line. Every command is documented in README.md.
 
     dreamerv4 run --config configs/crafter-small.yaml [key=value ...]
+    dreamerv4 report runs/crafter-small [--out report.html]
     dreamerv4 data crafter --episodes 20 --out data/crafter
     dreamerv4 data validate data/crafter
     dreamerv4 data convert-minerl SRC DST
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", default=None, metavar="STAGE",
                    help="stop after this stage (see `dreamerv4.pipeline`; e.g. eval_tokenizer)")
     p.set_defaults(handler="dreamerv4.pipeline:cmd_run")
+
+    p = groups.add_parser("report", help="(re)write a run folder's report.html from what the run left on disk")
+    p.add_argument("run", help="run folder (the config's out_dir)")
+    p.add_argument("--out", default=None, help="write the page here instead; the run folder is then only read")
+    p.set_defaults(handler="dreamerv4.evaluation.report:cmd_report")
 
     data = groups.add_parser("data", help="record, convert and validate episode folders").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND"
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None,
                    help="world-model context cap in frames (default: the agent's training seq_len)")
     p.add_argument("--greedy", action="store_true", help="take the policy's most likely action instead of sampling")
+    p.add_argument("--batch", type=int, default=32, help="episodes played at once in lockstep (same numbers, faster)")
     p.set_defaults(handler="dreamerv4.evaluation.crafter:cmd_eval")
 
     p = evals.add_parser("imagination", help="the same actions from the same real states in the world model and the "

@@ -24,14 +24,14 @@ from dreamerv4.training.loop import CHECKPOINT_FORMAT
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 
 
-def make_agent_checkpoint(root: Path, data_path: Path) -> Path:
+def make_agent_checkpoint(root: Path, data_path: Path, agent_model: dict | None = None) -> Path:
     """An untrained tiny tokenizer + agent saved as finished training-loop checkpoints (no training)."""
     cfg = from_dict(RunConfig, {
         "out_dir": str(root), "data": {"path": str(data_path), "val_fraction": 0.0},
         "tokenizer": {"model": {"patch_size": 16, "encoder": NET, "decoder": NET}, "train": {"seq_len": 4}},
         "dynamics": {"model": {"transformer": NET}, "tokenizer_checkpoint": str(root / "tokenizer" / "checkpoint.pt"),
                      "latents": str(root / "latents")},
-        "agent": {"model": {"mtp_length": 2, "head_hidden": 16}, "train": {"seq_len": 6}},
+        "agent": {"model": {"mtp_length": 2, "head_hidden": 16, **(agent_model or {})}, "train": {"seq_len": 6}},
     })
     torch.manual_seed(0)
     base = {"format": CHECKPOINT_FORMAT, "config": to_dict(cfg), "done": True, "step": 1}
@@ -85,3 +85,23 @@ def test_eval_agent_report(tiny_crafter_root, tmp_path, capsys):
     assert {"mae", "rmse", "baseline_mae", "auroc", "auroc_positive", "events", "event_threshold"} <= set(reward)
     assert "action: accuracy" in capsys.readouterr().out
     assert main(["eval", "agent", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tiny_crafter_root)]) == 2
+
+
+def test_unlock_reward_reads_the_recorded_unlocked_achievements(tiny_crafter_root, tmp_path):
+    from dreamerv4.evaluation.agent import heldout_windows, predict
+    from dreamerv4.training.agent import load_agent
+
+    checkpoint = make_agent_checkpoint(tmp_path / "run", tiny_crafter_root, {"num_achievements": 22})
+    agent, run = load_agent(checkpoint)
+    with torch.no_grad():  # P = 0.5 for every achievement and no other reward, whatever the frame
+        agent.unlock_head.out.weight.zero_()
+        agent.unlock_head.out.bias.copy_(torch.cat((torch.zeros(22), torch.zeros(1))))
+    windows = heldout_windows(tiny_crafter_root, run, 6)
+    pred = predict(agent, windows)
+    # the reward for the action at t, read at frame t + 1, pays half of each achievement not unlocked before that action
+    expected = np.concatenate([0.5 * (22 - w["achievements"][:-1].sum(-1)) for w in windows])
+    assert windows[0]["achievements"].shape == (6, 22)
+    assert np.allclose(pred["unlock_reward_pred"], expected, atol=1e-5)
+    assert main(["eval", "agent", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    assert set(json.loads((tmp_path / "r.json").read_text())["unlock_reward"]) == {"mae", "auroc"}

@@ -499,3 +499,17 @@ def test_cache_probe_of_several_frames_then_fewer_ignores_the_stale_buffer_space
         model(torch.randn(1, 3, 3, 32) * 10, cache=cache, update_cache=False)
         last = model(x[:, 4:], cache=cache)
     torch.testing.assert_close(last, full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_select_rows_continues_as_if_only_those_rows_had_run():
+    model = tiny()
+    x = torch.randn(3, 5, 5, 32)
+    cache = KVCache()
+    for t in range(3):
+        model(x[:, t : t + 1], cache=cache)
+    cache.select_rows([2, 0], batch=3)  # reordered on purpose
+    after = torch.cat([model(x[[2, 0], t : t + 1], cache=cache) for t in range(3, 5)], dim=1)
+    alone = model(x[[2, 0]])[:, 3:]
+    torch.testing.assert_close(after, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple"):
+        cache.select_rows([0], batch=3)

@@ -20,6 +20,9 @@ The policy (`AgentPolicy`) keeps a world-model context of the live frames:
 - the latent enters an `AgentRollout` (cached time attention) with the action that led to it,
   re-noised to the context signal level like every training input of the agent; the agent token's
   readout gives the policy logits (offset 0), from which the action is sampled.
+Episodes are played `--batch` at a time in lockstep (one batched transformer pass per step for all
+of them; a finished episode leaves the batch); each draws its noise and actions from its own
+generator, so its play does not depend on the batch size up to float rounding (tested equal).
 Context cap: the agent was trained on windows of `seq_len` frames, so its context holds at most
 `max_context` = seq_len frames: when full, a fresh rollout observes the last `max_context // 2` real
 frames again (the first with no previous action, like a training window's first frame) and play
@@ -53,19 +56,35 @@ def policy_seed(seed: int, episode: int) -> int:
     return int(np.random.SeedSequence([seed, episode, 2]).generate_state(1)[0])
 
 
+def sample_rows(space, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Draw row b's action from logits[b] with generators[b], as a batch of one would (codes (B,))."""
+    return torch.cat([space.sample(logits[b: b + 1], g) for b, g in enumerate(generators)])
+
+
 class RandomPolicy:
     """Uniform over Crafter's 17 actions; the baseline, run through the same evaluation code."""
 
-    def reset(self, generator: torch.Generator) -> None:
-        self.generator = generator
+    def reset(self, generators: list[torch.Generator]) -> None:
+        self.generators = list(generators)
 
-    def act(self, frame: np.ndarray) -> int:
-        return int(torch.randint(len(CRAFTER_ACTIONS), (1,), generator=self.generator))
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        """frames (B, 64, 64, 3) -> actions (B,)."""
+        return np.array([int(torch.randint(len(CRAFTER_ACTIONS), (1,), generator=g)) for g in self.generators])
+
+    def select_rows(self, rows: list[int]) -> None:
+        self.generators = [self.generators[i] for i in rows]
 
 
 class AgentPolicy:
-    """A trained agent acting on live frames (module docstring). `greedy` takes the policy's mode
-    instead of sampling."""
+    """A trained agent acting on live frames of a batch of episodes in lockstep (module docstring).
+    `greedy` takes the policy's mode instead of sampling. Each row draws its noise and actions from
+    its own generator, so an episode plays the same whatever else is in the batch (up to float
+    rounding of the batched matmuls).
+
+        policy.reset(generators)                  # one per episode
+        actions = policy.act(frames)              # (B, 64, 64, 3) uint8 -> (B,) codes
+        policy.select_rows(rows)                  # keep the episodes still running
+    """
 
     def __init__(self, agent: AgentModel, tokenizer, tokenizer_context: int, max_context: int,
                  greedy: bool = False):
@@ -77,61 +96,92 @@ class AgentPolicy:
         self.tokenizer_context, self.max_context, self.greedy = tokenizer_context, max_context, greedy
         self.restarts = 0
 
-    def reset(self, generator: torch.Generator) -> None:
-        self.generator = generator
+    def reset(self, generators: torch.Generator | list[torch.Generator]) -> None:
+        self.generators = [generators] if isinstance(generators, torch.Generator) else list(generators)
         self.device = next(self.agent.parameters()).device  # frames and actions go where the models are
         self.step = 0
-        self.latents: list[torch.Tensor] = []  # (L, C) per real frame, the last max_context kept
-        self.prev_actions: list[int] = []  # the action that led to each kept frame
-        self.last_action = NO_ACTION
+        self.latents: list[torch.Tensor] = []  # (B, L, C) per real frame, the last max_context kept
+        self.prev_actions: list[torch.Tensor] = []  # (B,) the action that led to each kept frame
+        self.last_action = torch.full((len(self.generators),), NO_ACTION, device=self.device)
         self.token_cache: KVCache | None = None
         self.rollout: AgentRollout | None = None
 
+    def select_rows(self, rows: list[int]) -> None:
+        batch, index = len(self.generators), torch.as_tensor(rows, device=self.device)
+        self.generators = [self.generators[i] for i in rows]
+        self.latents = [x[index] for x in self.latents]
+        self.prev_actions = [x[index] for x in self.prev_actions]
+        self.last_action = self.last_action[index]
+        if self.token_cache is not None:
+            self.token_cache.select_rows(rows, batch)
+        if self.rollout is not None:
+            self.rollout.select_rows(rows)
+
     @torch.no_grad()
-    def act(self, frame: np.ndarray) -> int:
+    def act(self, frames: np.ndarray) -> np.ndarray | int:
+        """frames (B, 64, 64, 3) uint8 -> actions (B,); a single frame (64, 64, 3) -> one int (batch of one)."""
+        if frames.ndim == 3:
+            return int(self.act(frames[None])[0])
         device = self.device
+        if len(frames) != len(self.generators):
+            raise ValueError(f"{len(frames)} frames for {len(self.generators)} episodes")
         if self.step % self.tokenizer_context == 0:
             self.token_cache = KVCache()
-        latent = self.tokenizer.encode(frames_to_float(frame[None])[None].to(device), cache=self.token_cache)[0, 0]
+        latent = self.tokenizer.encode(frames_to_float(frames)[:, None].to(device), cache=self.token_cache)[:, 0]
         self.latents = (self.latents + [latent])[-self.max_context:]
         self.prev_actions = (self.prev_actions + [self.last_action])[-self.max_context:]
         if self.rollout is None or self.rollout.num_frames >= self.max_context:
             keep = 1 if self.rollout is None else self.max_context // 2
             if self.rollout is not None:
-                self.restarts += 1
-            self.rollout = AgentRollout(self.agent, generator=self.generator)
-            prev = torch.tensor([[NO_ACTION] + self.prev_actions[-keep:][1:]], device=device)
-            hidden = self.rollout.observe(torch.stack(self.latents[-keep:])[None], prev)
+                self.restarts += len(frames)
+            self.rollout = AgentRollout(self.agent, generator=self.generators)
+            prev = torch.stack(self.prev_actions[-keep:], dim=1).clone()
+            prev[:, 0] = NO_ACTION
+            hidden = self.rollout.observe(torch.stack(self.latents[-keep:], dim=1), prev)
         else:
-            hidden = self.rollout.observe(latent[None, None], torch.tensor([[self.last_action]], device=device))
+            hidden = self.rollout.observe(latent[:, None], self.last_action[:, None])
         logits = self.agent.policy(hidden)
         space = self.agent.action_space
-        action = space.mode(logits) if self.greedy else space.sample(logits, self.generator)
-        self.last_action = int(action[0])
+        action = space.mode(logits) if self.greedy else sample_rows(space, logits, self.generators)
+        self.last_action = action.to(device)
         self.step += 1
-        return self.last_action
+        return action.cpu().numpy()
 
 
-def play_episode(policy, env_seed: int, generator: torch.Generator, max_steps: int,
-                 keep_frames: int = 0) -> dict:
-    """One episode of the real game; returns return, length, unlocked achievements and up to
-    `keep_frames` frames (T, 64, 64, 3) uint8."""
-    env = make_crafter_env(env_seed, max_steps)
-    obs = env.reset()
-    policy.reset(generator)
-    frames = [obs] if keep_frames else []
-    total, length, unlocked = 0.0, 0, set()
-    while True:
-        obs, reward, done, info = env.step(policy.act(obs))
-        total += float(reward)
-        length += 1
-        unlocked |= {name for name, count in info["achievements"].items() if count > 0}
-        if len(frames) < keep_frames:
-            frames.append(obs)
-        if done:
-            break
-    return {"return": total, "length": length, "unlocked": unlocked,
-            "frames": np.stack(frames) if frames else None}
+def play_episodes(policy, env_seeds: list[int], generators: list[torch.Generator], max_steps: int,
+                  keep_frames: int = 0, on_done=None) -> list[dict]:
+    """Episodes of the real game in lockstep, one per env seed and generator; a finished episode leaves
+    the batch. Returns per episode: return, length, unlocked achievements, and for the first up to
+    `keep_frames` frames (T, 64, 64, 3) uint8 (else None). on_done(result) is called as each ends."""
+    envs = [make_crafter_env(seed, max_steps) for seed in env_seeds]
+    obs = [env.reset() for env in envs]
+    policy.reset(generators)
+    results = [{"return": 0.0, "length": 0, "unlocked": set(), "frames": None} for _ in envs]
+    frames = [obs[0]] if keep_frames else []
+    active = list(range(len(envs)))
+    while active:
+        actions = policy.act(np.stack([obs[i] for i in active]))
+        running = []
+        for row, i in enumerate(active):
+            obs[i], reward, done, info = envs[i].step(int(actions[row]))
+            result = results[i]
+            result["return"] += float(reward)
+            result["length"] += 1
+            result["unlocked"] |= {name for name, count in info["achievements"].items() if count > 0}
+            if i == 0 and len(frames) < keep_frames:
+                frames.append(obs[i])
+            if done:
+                if on_done is not None:
+                    on_done(result)
+            else:
+                running.append(row)
+        if len(running) < len(active):
+            active = [active[row] for row in running]
+            if active:
+                policy.select_rows(running)
+    if frames:
+        results[0]["frames"] = np.stack(frames)
+    return results
 
 
 def load_policy(checkpoint: str, max_context: int | None = None, greedy: bool = False):
@@ -173,29 +223,35 @@ def default_out(checkpoint: str, label: str) -> Path:
 
 def evaluate_crafter(checkpoint: str, episodes: int, seed: int = 100_000, max_steps: int = 10_000,
                      out: str | Path | None = None, max_context: int | None = None, greedy: bool = False,
-                     progress: bool = True) -> dict:
-    """Play `episodes` episodes (module docstring); returns the report, also written as JSON."""
-    if episodes < 1 or max_steps < 1:
-        raise UserError(f"--episodes ({episodes}) and --max-steps ({max_steps}) must be at least 1")
+                     progress: bool = True, batch: int = 32) -> dict:
+    """Play `episodes` episodes, `batch` at a time in lockstep (module docstring); returns the report,
+    also written as JSON."""
+    if episodes < 1 or max_steps < 1 or batch < 1:
+        raise UserError(f"--episodes ({episodes}), --max-steps ({max_steps}) and --batch ({batch}) must be at least 1")
     import crafter
 
     started = time.perf_counter()
     policy, label = load_policy(checkpoint, max_context, greedy)
     out = Path(out) if out is not None else default_out(checkpoint, label)
     names = sorted(crafter.constants.achievements)
-    returns, lengths, unlocked, video = [], [], [], None
-    bar = tqdm(range(episodes), desc=f"crafter {label}", unit="episode", disable=None if progress else True,
+    bar = tqdm(total=episodes, desc=f"crafter {label}", unit="episode", disable=None if progress else True,
                file=sys.stderr)
-    for i in bar:
-        generator = torch.Generator().manual_seed(policy_seed(seed, i))
-        result = play_episode(policy, seed + i, generator, max_steps, keep_frames=VIDEO_STEPS if i == 0 else 0)
-        returns.append(result["return"])
-        lengths.append(result["length"])
-        unlocked.append(result["unlocked"])
-        if i == 0:
-            video = result["frames"]
-        bar.set_postfix(mean_return=f"{np.mean(returns):.2f}", length=result["length"])
+    finished: list[float] = []
+
+    def on_done(result: dict) -> None:
+        finished.append(result["return"])
+        bar.update(1)
+        bar.set_postfix(mean_return=f"{np.mean(finished):.2f}", length=result["length"])
+
+    results = []
+    for first in range(0, episodes, batch):
+        ids = range(first, min(first + batch, episodes))
+        generators = [torch.Generator().manual_seed(policy_seed(seed, i)) for i in ids]
+        results += play_episodes(policy, [seed + i for i in ids], generators, max_steps,
+                                 keep_frames=VIDEO_STEPS if first == 0 else 0, on_done=on_done)
     bar.close()
+    returns, lengths = [r["return"] for r in results], [r["length"] for r in results]
+    unlocked, video = [r["unlocked"] for r in results], results[0]["frames"]
     returns_arr = np.asarray(returns)
     mean = float(returns_arr.mean())
     half = 1.96 * float(returns_arr.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else None
@@ -214,6 +270,7 @@ def evaluate_crafter(checkpoint: str, episodes: int, seed: int = 100_000, max_st
         "env_seeds": [seed + i for i in range(episodes)],
         "max_steps": max_steps,
         "greedy": greedy,
+        "batch": batch,
         "max_context": getattr(policy, "max_context", None),
         "mean_return": mean,
         "return_ci95": None if half is None else [mean - half, mean + half],
@@ -233,7 +290,8 @@ def evaluate_crafter(checkpoint: str, episodes: int, seed: int = 100_000, max_st
 
 def cmd_eval(args) -> int:
     r = evaluate_crafter(args.checkpoint, args.episodes, args.seed, getattr(args, "max_steps", 10_000), args.out,
-                         getattr(args, "max_context", None), getattr(args, "greedy", False))
+                         getattr(args, "max_context", None), getattr(args, "greedy", False),
+                         batch=getattr(args, "batch", 32))
     ci = "n/a" if r["return_ci95"] is None else f"[{r['return_ci95'][0]:.2f}, {r['return_ci95'][1]:.2f}]"
     achieved = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["achievements"].items() if v > 0) or "none"
     print(f"{r['policy']}: {r['episodes']} episodes, mean return {r['mean_return']:.2f} (95% CI {ci}), "

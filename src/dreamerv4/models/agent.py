@@ -305,12 +305,14 @@ class AgentRollout:
 
     observe / imagine / imagine_step run under torch.no_grad (the transformer is frozen wherever this
     is used) and return float32 tensors. All noise comes from `generator` (or the global RNG) in a
-    fixed order, so a seeded generator reproduces a rollout. The context only grows; to cap it, start
+    fixed order, so a seeded generator reproduces a rollout; a list of generators gives each batch
+    row its own, so that a row's draws do not depend on the rest of the batch. The context only grows; to cap it, start
     a new AgentRollout and observe the last frames again (cropping a KVCache is not equivalent, see
     dynamics.Rollout).
     """
 
-    def __init__(self, model: AgentModel, generator: torch.Generator | None = None, steps: int | None = None):
+    def __init__(self, model: AgentModel, generator: torch.Generator | list[torch.Generator] | None = None,
+                 steps: int | None = None):
         dyn = model.dynamics.cfg
         self.steps = dyn.sampling_steps if steps is None else steps
         if not _is_power_of_two(self.steps) or self.steps > dyn.k_max:
@@ -326,7 +328,21 @@ class AgentRollout:
         return self.cache.length
 
     def _noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if isinstance(self.generator, list):  # one generator per row: row b draws what a batch of one would
+            if len(self.generator) != shape[0]:
+                raise ValueError(f"{len(self.generator)} generators for a batch of {shape[0]}")
+            return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=torch.float32)
+                                for g in self.generator])
         return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only the batch rows `rows` (and their generators), e.g. when some episodes end."""
+        batch = self.last_hidden.shape[0] if self.last_hidden is not None else len(self.generator)
+        self.cache.select_rows(rows, batch)
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden[torch.as_tensor(rows, device=self.last_hidden.device)]
+        if isinstance(self.generator, list):
+            self.generator = [self.generator[i] for i in rows]
 
     @torch.no_grad()
     def observe(self, latents: torch.Tensor, prev_actions: torch.Tensor) -> torch.Tensor:

@@ -582,6 +582,19 @@ class KVCache:
         self.length += frames
         self.num_streams = num_streams
 
+    def select_rows(self, rows: torch.Tensor | list[int], batch: int) -> None:
+        """Keep only the batch rows `rows` of a cache filled by batches of `batch` rows (streams are
+        batch-major: row b owns streams b * n .. (b + 1) * n - 1), e.g. when some episodes of a batch end."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if self.num_streams is not None and self.num_streams % batch:
+            raise ValueError(f"cache holds {self.num_streams} streams, not a multiple of the batch {batch}")
+        self._buffers = {
+            i: tuple(x.unflatten(0, (batch, -1))[rows.to(x.device)].flatten(0, 1) for x in kv)
+            for i, kv in self._buffers.items()
+        }
+        if self.num_streams is not None:
+            self.num_streams = self.num_streams // batch * len(rows)
+
     def crop(self, max_frames: int) -> None:
         """Keep only the last `max_frames` frames (RoPE is relative, so positions stay valid)."""
         if max_frames < 1:

@@ -283,7 +283,7 @@ def _crafter_eval_fn(cfg: RunConfig):
 
     from dreamerv4.data.crafter_record import crafter_score
     from dreamerv4.evaluation.agent import tokenizer_context
-    from dreamerv4.evaluation.crafter import AgentPolicy, play_episode, policy_seed
+    from dreamerv4.evaluation.crafter import AgentPolicy, play_episodes, policy_seed
     from dreamerv4.evaluation.tokenizer import load_tokenizer
 
     stage = cfg.imagine
@@ -296,12 +296,10 @@ def _crafter_eval_fn(cfg: RunConfig):
     def eval_fn(model: AgentModel) -> dict[str, float]:
         device = next(model.parameters()).device
         policy = AgentPolicy(model, tokenizer.to(device), context, cfg.agent.train.seq_len)
-        returns, unlocked = [], []
-        for i in range(stage.eval_episodes):
-            generator = torch.Generator(device).manual_seed(policy_seed(stage.eval_seed, i))  # the policy's noise is drawn there
-            result = play_episode(policy, stage.eval_seed + i, generator, stage.eval_max_steps)
-            returns.append(result["return"])
-            unlocked.append(result["unlocked"])
+        ids = range(stage.eval_episodes)  # all at once, in lockstep
+        generators = [torch.Generator(device).manual_seed(policy_seed(stage.eval_seed, i)) for i in ids]  # the policy's noise is drawn there
+        results = play_episodes(policy, [stage.eval_seed + i for i in ids], generators, stage.eval_max_steps)
+        returns, unlocked = [r["return"] for r in results], [r["unlocked"] for r in results]
         success = {name: sum(name in u for u in unlocked) / len(unlocked) for name in names}
         return {"crafter_return": sum(returns) / len(returns), "crafter_score": crafter_score(success)}
 
