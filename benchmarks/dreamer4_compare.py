@@ -26,7 +26,7 @@ with bf16 = torch.autocast("cpu", bfloat16) around the loss. Per model:
   Theirs: DynamicsWorldModel(dim 256, depth 6, attn_heads 8, attn_dim_head 32, 16 latents x 32 as
   16 spatial tokens, 4 registers, K_max 64, 17 discrete actions) trained on latents with its
   forward loss (shortcut/flow loss plus its agent and action heads, as its training does).
-Ours tunes glibc malloc as its training does (training/loop.py `tune_malloc`, train.tune_malloc);
+Ours tunes glibc malloc as its training does (training/runtime.py `tune_malloc`, train.tune_malloc);
 --untuned-malloc measures ours without it, --tune-theirs-malloc gives the dreamer4 process the
 same settings. Frames/s = B x T per step, over process CPU seconds (and wall seconds); `warmup`
 untimed steps first. Writes benchmarks/results/dreamer4_compare.json (or --out).
@@ -144,7 +144,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         out["dreamer4"] = version("dreamer4")
     if side == "ours" and not args.untuned_malloc:
-        from dreamerv4.training.loop import tune_malloc
+        from dreamerv4.training.runtime import tune_malloc
 
         out["malloc_tuned"] = tune_malloc()  # as `train` does (train.tune_malloc)
     try:
@@ -178,8 +178,8 @@ def run_worker(python: str, side: str, model: str, precision: str, args: argpars
     argv = [python, __file__, "--worker", f"{side}/{model}", "--worker-precision", precision, *sys.argv[1:]]
     env = dict(os.environ)
     if side == "theirs" and args.tune_theirs_malloc:
-        # training/loop.tune_malloc's settings through glibc's environment (that side never imports dreamerv4)
-        from dreamerv4.training.loop import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
+        # training/runtime.tune_malloc's settings through glibc's environment (that side never imports dreamerv4)
+        from dreamerv4.training.runtime import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
 
         env.update(MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MALLOC_TRIM_THRESHOLD))
     result = subprocess.run(argv, capture_output=True, text=True, preexec_fn=limit_memory, env=env)

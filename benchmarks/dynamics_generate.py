@@ -52,7 +52,7 @@ from tokenizer_step import machine  # noqa: E402  (benchmarks/ helper, not a pac
 from dreamerv4.models import transformer as transformer_module  # noqa: E402
 from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel, Rollout, previous_actions  # noqa: E402
 from dreamerv4.models.transformer import TransformerConfig  # noqa: E402
-from dreamerv4.training.loop import cpu_supports_bf16  # noqa: E402
+from dreamerv4.training.runtime import cpu_supports_bf16  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "dynamics_generate.json"
 OBSERVE_CHUNK = 32  # context frames per observe call

@@ -6,7 +6,7 @@
 One step is what `dreamerv4 train dynamics` does per update: `training/shortcut.py`'s
 shortcut_forcing_loss on clean latents (B,T,16,32) and actions (per-frame tau and d; the bootstrap
 frames' two teacher passes without gradient; single-frame rows), backward, gradient-norm clipping
-at 1.0 and an AdamW update with the loop's parameter groups (`training/loop.py` make_optimizer),
+at 1.0 and an AdamW update with the loop's parameter groups (`training/schedule.py` make_optimizer),
 zero_grad. bf16 = `torch.autocast("cpu", dtype=torch.bfloat16)` around the loss, as the loop does;
 malloc tuned as the loop does (`tune_malloc`) unless --untuned-malloc.
 Latents and actions are random; tau, d and the noise are drawn from a generator seeded per step,
@@ -42,7 +42,9 @@ from tokenizer_step import machine, matmul_peak, summarize  # noqa: E402
 
 from dreamerv4.models.dynamics import DynamicsModel  # noqa: E402
 from dreamerv4.models.transformer import compile_blocks  # noqa: E402
-from dreamerv4.training.loop import TrainConfig, make_optimizer, tune_malloc  # noqa: E402
+from dreamerv4.training.config import TrainConfig  # noqa: E402
+from dreamerv4.training.runtime import tune_malloc  # noqa: E402
+from dreamerv4.training.schedule import make_optimizer  # noqa: E402
 from dreamerv4.training.shortcut import shortcut_forcing_loss  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "dynamics_train.json"
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every transformer block (models/transformer.py compile_blocks, TrainConfig.compile)")
     parser.add_argument("--untuned-malloc", action="store_true",
-                        help="glibc's default malloc instead of training/loop.tune_malloc (what training does)")
+                        help="glibc's default malloc instead of training/runtime.tune_malloc (what training does)")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=["fp32", "bf16"], help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ per second of wall-clock time: on this shared 2-core machine other processes tim
 processes shared it, but a steady ~210 per CPU second), so CPU-time rates are the comparable
 ones and wall-clock rates say what a training run would have seen at that moment. System time
 (`step_sys_s`) is mostly page faults: by default glibc unmaps freed blocks over its mmap threshold
-and the next step faults them back in. The worker tunes malloc as training does (training/loop.py
+and the next step faults them back in. The worker tunes malloc as training does (training/runtime.py
 `tune_malloc`: blocks up to 32 MB stay in the heap); `--untuned-malloc` measures glibc's default,
 `--thp` adds huge pages for the larger blocks.
 
@@ -53,8 +53,10 @@ import torch
 
 from dreamerv4.models.tokenizer import Tokenizer, TokenizerConfig, patchify, unpatchify
 from dreamerv4.models.transformer import TransformerConfig, compile_blocks
-from dreamerv4.training.loop import TrainConfig, make_optimizer, tune_malloc
+from dreamerv4.training.config import TrainConfig
 from dreamerv4.training.loss_norm import RunningRMS
+from dreamerv4.training.runtime import tune_malloc
+from dreamerv4.training.schedule import make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer_step.json"
 PEAK_SIZES = (512, 1024, 2048)
@@ -328,7 +330,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block (models/transformer.py compile_blocks, TrainConfig.compile)")
     parser.add_argument("--no-lpips", action="store_true", help="MSE only (the training's lpips_weight=0)")
     parser.add_argument("--untuned-malloc", action="store_true",
-                        help="glibc's default malloc instead of training/loop.tune_malloc (what training does, train.tune_malloc)")
+                        help="glibc's default malloc instead of training/runtime.tune_malloc (what training does, train.tune_malloc)")
     parser.add_argument("--thp", action="store_true", help=f"run the steps with {THP_ENV}")
     parser.add_argument("--profile", action="store_true", help="op-time breakdown of one step instead")
     parser.add_argument("--note", default="", help="free text stored in the JSON")

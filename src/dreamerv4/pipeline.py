@@ -244,7 +244,7 @@ TRAINING_STAGES = {"tokenizer", "dynamics", "agent", "imagine"}  # run on every 
 def run_pipeline(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     """Run the stages in order; a stage whose result is in <out_dir>/summary.json is skipped."""
     from dreamerv4.training import distributed
-    from dreamerv4.training.loop import resolve_device
+    from dreamerv4.training.runtime import resolve_device
 
     if distributed.env_world_size() > 1:  # join torchrun's group now: stages wait on each other
         distributed.setup(resolve_device(cfg.tokenizer.train))

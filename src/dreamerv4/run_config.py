@@ -12,7 +12,7 @@ from dreamerv4.data.dataset import DataConfig
 from dreamerv4.models.agent import AgentConfig
 from dreamerv4.models.dynamics import DynamicsConfig
 from dreamerv4.models.tokenizer import TokenizerConfig
-from dreamerv4.training.loop import TrainConfig
+from dreamerv4.training.config import TrainConfig
 
 
 @dataclass

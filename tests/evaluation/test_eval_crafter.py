@@ -20,7 +20,7 @@ from dreamerv4.models.agent import AgentModel
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.loop import CHECKPOINT_FORMAT
+from dreamerv4.training.resume import CHECKPOINT_FORMAT
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 

@@ -34,7 +34,7 @@ from dreamerv4.evaluation.metrics import psnr
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.dynamics import train_dynamics
-from dreamerv4.training.loop import CHECKPOINT_FORMAT
+from dreamerv4.training.resume import CHECKPOINT_FORMAT
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 CONTEXT = 4

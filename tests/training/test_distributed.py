@@ -28,8 +28,10 @@ from torch.utils.data import Dataset
 
 from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.training.logging import read_metrics
-from dreamerv4.training.loop import StepBatchSampler, TrainConfig, train
+from dreamerv4.training.config import TrainConfig
+from dreamerv4.training.loop import train
 from dreamerv4.training.loss_norm import RunningRMS
+from dreamerv4.training.sampler import StepBatchSampler
 
 THIS_FILE = Path(__file__).resolve()
 SRC_DIR = THIS_FILE.parents[2] / "src"

@@ -22,7 +22,8 @@ from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.models.transformer import TransformerConfig
 from dreamerv4.run_config import ImagineStage, RunConfig
 from dreamerv4.training.imagine import PriorPolicy, freeze_for_imagination, imagination_loss, imagine, train_imagine
-from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainConfig
+from dreamerv4.training.config import TrainConfig
+from dreamerv4.training.resume import CHECKPOINT_FORMAT
 from dreamerv4.training.returns import lambda_returns
 
 HEADS = ("policy_head.", "value_head.")

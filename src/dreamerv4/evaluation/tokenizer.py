@@ -32,7 +32,8 @@ from dreamerv4.evaluation.cells import CellClassifier, evaluate_reconstructions
 from dreamerv4.models.tokenizer import Tokenizer, unpatchify
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import image_grid, save_png
-from dreamerv4.training.loop import CHECKPOINT_FORMAT, load_weights
+from dreamerv4.training.config import drop_retired
+from dreamerv4.training.resume import CHECKPOINT_FORMAT, load_weights
 
 CELLS_CACHE = "cells.pt"  # the fitted cell classifier, next to the checkpoint
 CELLS_CACHE_INFO = "cells.json"  # what it was fitted on; a different fit refits it
@@ -47,7 +48,7 @@ def load_tokenizer(checkpoint: str | Path, require_done: bool = False) -> tuple[
         raise CheckpointError(f"{checkpoint}: not a `dreamerv4 train tokenizer` checkpoint (no training-loop "
                               "format or no run config with a tokenizer section inside)")
     del ckpt  # load_weights reads the file again; drop this copy (optimizer state and all) first
-    cfg = from_dict(RunConfig, config, f"{checkpoint}:config")
+    cfg = from_dict(RunConfig, drop_retired(config), f"{checkpoint}:config")
     model = Tokenizer(cfg.tokenizer.model)
     load_weights(model, checkpoint, require_done=require_done)
     return model.eval(), cfg

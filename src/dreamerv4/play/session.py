@@ -65,9 +65,8 @@ class PlayModels:
 
 def _is_agent_checkpoint(path: Path) -> bool:
     from dreamerv4.checkpoint import load_checkpoint
-    from dreamerv4.training.ema import inference_state
 
-    state = inference_state(load_checkpoint(path))
+    state = load_checkpoint(path)["model"]
     return any(key.split(".")[-1] == "agent_tokens" for key in state)
 
 

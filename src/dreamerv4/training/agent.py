@@ -58,9 +58,11 @@ from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.dynamics import load_dynamics, validation_batches, validation_windows
 from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
-from dreamerv4.training.ema import inference_state
-from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, require_finished, resolve_device, train
+from dreamerv4.training.config import drop_retired
+from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.loss_norm import RunningRMS
+from dreamerv4.training.resume import CHECKPOINT_FORMAT, require_finished
+from dreamerv4.training.runtime import resolve_device
 from dreamerv4.training.shortcut import shortcut_forcing_loss
 
 
@@ -81,7 +83,7 @@ def _run_config(path: str | Path, ckpt: dict, section: str) -> RunConfig:
         raise CheckpointError(f"{path}: not a training-loop checkpoint with a {section!r} section in its run config")
     if section == "agent":  # every run config has every section: the weights tell the stage
         require_stage(ckpt, path, "agent", "imagine")  # another stage's checkpoint: say which
-    return from_dict(RunConfig, config, f"{path}:config")
+    return from_dict(RunConfig, drop_retired(config), f"{path}:config")
 
 
 def load_agent(path: str | Path, require_done: bool = False) -> tuple[AgentModel, RunConfig]:
@@ -92,7 +94,7 @@ def load_agent(path: str | Path, require_done: bool = False) -> tuple[AgentModel
     run = _run_config(path, ckpt, "agent")
     if ckpt.get("format") == CHECKPOINT_FORMAT and require_done:
         require_finished(ckpt, path)
-    state = inference_state(ckpt)
+    state = ckpt["model"]
     if not any(k.startswith("agent_tokens") for k in state) and any(k.startswith("agent.") for k in state):
         state = {k[len("agent."):]: v for k, v in state.items() if k.startswith("agent.")}
     model = AgentModel(DynamicsModel(run.dynamics.model), run.agent.model)

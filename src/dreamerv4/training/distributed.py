@@ -219,3 +219,26 @@ def wrap_loss(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], ctx: D
 
     compute.ddp = ddp  # type: ignore[attr-defined]
     return compute
+
+
+def reduce_step(ctx: DistContext, loss: torch.Tensor, stop_flags: list[float],
+                extra_state: Mapping[str, Any]) -> tuple[torch.Tensor, list[float], dict[str, dict[str, Any]]]:
+    """Sum over ranks, in one all-reduce, of [loss, stop flags, extra_state float tensors].
+
+    Returns the mean loss (0-d float32), the summed stop flags and, per extra_state entry with float
+    tensors, its state_dict with those tensors replaced by their mean over ranks."""
+    states = {name: obj.state_dict() for name, obj in extra_state.items()}
+    floats = [(name, key, value) for name, state in states.items() for key, value in state.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    parts = [loss.reshape(1).double(), torch.tensor(stop_flags, dtype=torch.float64, device=loss.device)]
+    parts += [value.detach().reshape(-1).to(loss.device, torch.float64) for _, _, value in floats]
+    total = ctx.sum_(torch.cat(parts)) / ctx.world_size
+    mean_loss = total[0].float()
+    flags = (total[1:3] * ctx.world_size).tolist()
+    synced: dict[str, dict[str, Any]] = {}
+    offset = 3
+    for name, key, value in floats:
+        mean = total[offset:offset + value.numel()].view(value.shape).to(value.device, value.dtype)
+        offset += value.numel()
+        synced.setdefault(name, dict(states[name]))[key] = mean
+    return mean_loss, flags, synced

@@ -39,7 +39,10 @@ from dreamerv4.errors import CheckpointError, ConfigError, DataError, UserError
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import image_grid
-from dreamerv4.training.loop import CHECKPOINT_FORMAT, TrainSummary, load_weights, resolve_device, train
+from dreamerv4.training.config import drop_retired
+from dreamerv4.training.loop import TrainSummary, train
+from dreamerv4.training.resume import CHECKPOINT_FORMAT, load_weights
+from dreamerv4.training.runtime import resolve_device
 from dreamerv4.training.shortcut import sample_step_and_signal, shortcut_forcing_loss
 
 VAL_WINDOWS = 64  # validation windows scored by eval_fn
@@ -216,7 +219,7 @@ def load_dynamics(path: str | Path, require_done: bool = True) -> tuple[Dynamics
         raise CheckpointError(f"{path}: not a `dreamerv4 train dynamics` checkpoint")
     identity = {**identity, "step": int(ckpt.get("step", -1))}
     del ckpt
-    run = resolve_paths(from_dict(RunConfig, config, f"{path}:config"))
+    run = resolve_paths(from_dict(RunConfig, drop_retired(config), f"{path}:config"))
     model = DynamicsModel(run.dynamics.model)
     load_weights(model, path, require_done=require_done)
     return model.eval(), run, identity

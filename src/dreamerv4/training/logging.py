@@ -94,6 +94,19 @@ class MetricsLog:
             self._tb.close()
 
 
+class NoLog:
+    """What ranks other than 0 log to under torchrun: nothing (only rank 0 writes run_dir)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def write_image(self, name: str, step: int, image: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """All records of `run_dir/metrics.jsonl` (only those of `kind` when given)."""
     lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()

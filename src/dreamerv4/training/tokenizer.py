@@ -30,8 +30,9 @@ from dreamerv4.data.dataset import RepeatedWindows, SequenceDataset, collate_win
 from dreamerv4.models.tokenizer import Tokenizer, patchify, unpatchify
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import image_grid
-from dreamerv4.training.loop import TrainSummary, resolve_device, train
+from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.loss_norm import RunningRMS
+from dreamerv4.training.runtime import resolve_device
 
 
 def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
