@@ -35,7 +35,8 @@ from dreamerv4.data.episodes import find_episodes, load_frames, load_observation
 from dreamerv4.evaluation.cells import as_images
 from dreamerv4.evaluation.dynamics import PSNR_CAP
 from dreamerv4.evaluation.metrics import psnr
-from dreamerv4.evaluation.tokenizer import load_tokenizer, reconstruct
+from dreamerv4.evaluation.tokenizer import reconstruct
+from dreamerv4.training.stages import load_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "h1_reference.json"
 MOVES = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, cols) the player moved by

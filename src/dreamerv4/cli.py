@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-frames", type=int, default=256, help="frames encoded per forward pass")
     p.add_argument("--context", type=int, default=None,
                    help="frames per causal encoding chunk (default: the tokenizer's training seq_len)")
-    p.set_defaults(handler="dreamerv4.data.latents:cmd_tokenize")
+    p.set_defaults(handler="dreamerv4.training.tokenize:cmd_tokenize")
 
     train = groups.add_parser("train", help="train one stage").add_subparsers(
         dest="train_command", required=True, metavar="STAGE"
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = info.add_parser("params", help="parameter counts of the configured models")
     _config_args(p)
-    p.set_defaults(handler="dreamerv4.models.summary:cmd_params")
+    p.set_defaults(handler="dreamerv4.info:cmd_params")
     return parser
 
 

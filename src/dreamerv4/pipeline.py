@@ -111,10 +111,10 @@ def _finished(summary, name: str) -> dict:
 
 
 def stage_tokenize(cfg: RunConfig) -> dict:
-    from dreamerv4.data.latents import tokenize_dataset
-    from dreamerv4.training.dynamics import resolve_paths
+    from dreamerv4.training.stages import resolve_dynamics_paths
+    from dreamerv4.training.tokenize import tokenize_dataset
 
-    stage = resolve_paths(cfg).dynamics
+    stage = resolve_dynamics_paths(cfg).dynamics
     manifest = tokenize_dataset(stage.tokenizer_checkpoint, cfg.data.path, stage.latents)
     return {"latents": stage.latents, "episodes": len(manifest.get("episodes", []))}
 

@@ -20,14 +20,14 @@ from dreamerv4.config import from_dict, to_dict
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import load_frames
 from dreamerv4.data.latents import (
-    LATENTS_FILE, MANIFEST_FILE, LatentSequenceDataset, decode_latents, frames_to_float, tokenize_dataset,
-    tokenizer_fingerprint,
+    LATENTS_FILE, MANIFEST_FILE, LatentSequenceDataset, decode_latents, frames_to_float, tokenizer_fingerprint,
 )
 from dreamerv4.errors import DataError
-from dreamerv4.evaluation.tokenizer import load_tokenizer
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.resume import CHECKPOINT_FORMAT
+from dreamerv4.training.stages import load_tokenizer
+from dreamerv4.training.tokenize import tokenize_dataset
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 CONTEXT = 3  # the tokenizer's training seq_len: 40-step episodes end in a partial chunk of 1

@@ -169,7 +169,8 @@ def test_tokenizer_trains_on_the_same_batches_from_shards(tiny_crafter_root, tmp
 
 def test_tokenize_from_shards_writes_the_same_latent_episodes(tiny_crafter_root, tmp_path):
     from data.test_latents import make_tokenizer_checkpoint
-    from dreamerv4.data.latents import load_latents, tokenize_dataset
+    from dreamerv4.data.latents import load_latents
+    from dreamerv4.training.tokenize import tokenize_dataset
 
     checkpoint = make_tokenizer_checkpoint(tmp_path / "tok" / "checkpoint.pt")
     assert main(["data", "shard", str(tiny_crafter_root), str(tmp_path / "shards")]) == 0

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dreamerv4.data.crafter_layout import BACKGROUND_LABELS, GRID_COLS, GRID_ROWS, SEMANTIC_NAMES
+from dreamerv4.data.crafter_layout import BACKGROUND_LABELS, GRID_COLS, GRID_ROWS, SEMANTIC_NAMES, dark_frames
 from dreamerv4.errors import CheckpointError
 from dreamerv4.evaluation.cells import (
-    CellClassifier, as_images, blur, dark_frames, erase_objects, evaluate_reconstructions, play_random, retention,
-    retention_by_light,
+    CellClassifier, as_images, blur, erase_objects, evaluate_reconstructions, play_random, retention, retention_by_light,
 )
 
 FIT_FRAMES, HELDOUT_FRAMES = 3000, 1000

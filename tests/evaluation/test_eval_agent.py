@@ -89,7 +89,7 @@ def test_eval_agent_report(tiny_crafter_root, tmp_path, capsys):
 
 def test_unlock_reward_reads_the_recorded_unlocked_achievements(tiny_crafter_root, tmp_path):
     from dreamerv4.evaluation.agent import heldout_windows, predict
-    from dreamerv4.training.agent import load_agent
+    from dreamerv4.training.stages import load_agent
 
     checkpoint = make_agent_checkpoint(tmp_path / "run", tiny_crafter_root, {"num_achievements": 22})
     agent, run = load_agent(checkpoint)

@@ -15,9 +15,10 @@ from dreamerv4.checkpoint import save_checkpoint
 from dreamerv4.cli import main
 from dreamerv4.config import from_dict, to_dict
 from dreamerv4.errors import CheckpointError
-from dreamerv4.evaluation.crafter import AgentPolicy, evaluate_crafter
+from dreamerv4.evaluation.crafter import evaluate_crafter
 from dreamerv4.models.agent import AgentModel
 from dreamerv4.models.dynamics import DynamicsModel
+from dreamerv4.models.policy import AgentPolicy
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.resume import CHECKPOINT_FORMAT
@@ -93,8 +94,7 @@ def test_agent_policy_keeps_a_capped_context_of_chunk_encoded_latents(tmp_path):
 
 
 def test_a_checkpoint_of_another_stage_is_named_not_a_traceback(tmp_path, capsys):
-    from dreamerv4.evaluation.tokenizer import load_tokenizer
-    from dreamerv4.training.dynamics import load_dynamics
+    from dreamerv4.training.stages import load_dynamics, load_tokenizer
 
     agent = make_agent_checkpoint(tmp_path / "run")
     tokenizer = tmp_path / "run" / "tokenizer" / "checkpoint.pt"
@@ -110,9 +110,9 @@ def test_a_checkpoint_of_another_stage_is_named_not_a_traceback(tmp_path, capsys
 
 @pytest.mark.parametrize("checkpoint", ["random", "agent"])
 def test_batched_play_equals_one_episode_at_a_time(tmp_path, monkeypatch, checkpoint):
-    from dreamerv4.evaluation import crafter as crafter_eval
+    from dreamerv4.models import policy as policy_module
 
-    make_env = crafter_eval.make_crafter_env
+    make_env = policy_module.make_crafter_env
     played: dict[int, list[int]] = {}
 
     def recording_env(seed, steps):
@@ -122,7 +122,7 @@ def test_batched_play_equals_one_episode_at_a_time(tmp_path, monkeypatch, checkp
         env.step = lambda action: (played[seed].append(int(action)), step(action))[1]
         return env
 
-    monkeypatch.setattr(crafter_eval, "make_crafter_env", recording_env)
+    monkeypatch.setattr(policy_module, "make_crafter_env", recording_env)
     path = "random" if checkpoint == "random" else str(make_agent_checkpoint(tmp_path / "run"))
     one = evaluate_crafter(path, 4, seed=5, max_steps=30, out=tmp_path / "one.json", progress=False, batch=1,
                            max_context=4)

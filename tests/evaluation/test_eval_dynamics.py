@@ -24,12 +24,13 @@ from dreamerv4.cli import main
 from dreamerv4.config import from_dict, load_config, to_dict
 from dreamerv4.data.crafter_layout import SEMANTIC_NAMES
 from dreamerv4.data.episodes import load_frames
-from dreamerv4.data.latents import frames_to_float, tokenize_dataset
+from dreamerv4.data.latents import frames_to_float
 from dreamerv4.evaluation.dynamics import (
     BASELINES, HORIZONS, METHODS, PSNR_CAP, beatable_split, evaluate_dynamics, format_report, frame_scores, imagine,
     paired_difference,
 )
-from dreamerv4.training.dynamics import load_dynamics
+from dreamerv4.training.stages import load_dynamics
+from dreamerv4.training.tokenize import tokenize_dataset
 from dreamerv4.evaluation.metrics import psnr
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
@@ -200,7 +201,7 @@ def test_video_shows_context_and_imagined_frames(report):
 
 
 def test_sliding_window_generation_equals_generate_when_everything_fits(checkpoint):
-    model, _, _ = load_dynamics(checkpoint)
+    model, _ = load_dynamics(checkpoint)
     g = torch.Generator().manual_seed(0)
     context = torch.randn(2, 3, 16, 32, generator=g).tanh()
     actions = torch.randint(0, 17, (2, 8), generator=g)

@@ -26,8 +26,9 @@ from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.evaluation import tokenizer as eval_tokenizer
 from dreamerv4.evaluation.cells import CellClassifier
 from dreamerv4.evaluation.metrics import psnr, ssim
-from dreamerv4.evaluation.tokenizer import evaluate_tokenizer, load_tokenizer
+from dreamerv4.evaluation.tokenizer import evaluate_tokenizer
 from dreamerv4.run_config import RunConfig
+from dreamerv4.training.stages import load_tokenizer
 from dreamerv4.training.tokenizer import train_tokenizer
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}

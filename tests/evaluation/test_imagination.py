@@ -68,9 +68,7 @@ def test_instrument_end_to_end_plays_the_imagined_actions(tiny_crafter_root, tmp
         return original(env, actions)
 
     imagined = []
-    from dreamerv4.training import imagine as imagine_module
-
-    real_imagine = imagine_module.imagine
+    real_imagine = imagination.imagine
 
     def spy_imagine(*args, **kwargs):
         out = real_imagine(*args, **kwargs)
@@ -78,7 +76,7 @@ def test_instrument_end_to_end_plays_the_imagined_actions(tiny_crafter_root, tmp
         return out
 
     monkeypatch.setattr(imagination, "play_actions", spy)
-    monkeypatch.setattr(imagine_module, "imagine", spy_imagine, raising=True)
+    monkeypatch.setattr(imagination, "imagine", spy_imagine, raising=True)
     args = ["eval", "imagination", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),
             "--starts", "3", "--horizon", "4", "--context", "2"]
     assert main(args) == 0
@@ -102,15 +100,13 @@ def test_instrument_needs_the_recording_summary(tiny_crafter_copy, tmp_path, cap
 
 
 def test_instrument_with_unlocks_starts_from_the_recorded_achievements(tiny_crafter_root, tmp_path, monkeypatch, capsys):
-    from dreamerv4.training import imagine as imagine_module
-
     plain = make_agent_checkpoint(tmp_path / "plain")
     assert main(["eval", "imagination", "--checkpoint", str(plain), "--data", str(tiny_crafter_root),
                  "--reward", "unlocks"]) == 2
     assert "unlock head" in capsys.readouterr().err
     checkpoint = make_agent_checkpoint(tmp_path / "run", {"num_achievements": 22})
     replays, starts = [], []
-    original_replay, real_imagine = imagination.replay, imagine_module.imagine
+    original_replay, real_imagine = imagination.replay, imagination.imagine
 
     def spy_replay(seed, actions, max_steps):
         replays.append((seed, len(actions)))
@@ -121,7 +117,7 @@ def test_instrument_with_unlocks_starts_from_the_recorded_achievements(tiny_craf
         return real_imagine(*args, **kwargs)
 
     monkeypatch.setattr(imagination, "replay", spy_replay)
-    monkeypatch.setattr(imagine_module, "imagine", spy_imagine, raising=True)
+    monkeypatch.setattr(imagination, "imagine", spy_imagine, raising=True)
     assert main(["eval", "imagination", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),
                  "--starts", "3", "--horizon", "3", "--context", "2"]) == 0
     report = json.loads((tmp_path / "run" / "eval" / "imagination_bc.json").read_text())

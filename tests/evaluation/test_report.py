@@ -23,8 +23,9 @@ from dreamerv4.config import save_config
 from dreamerv4.errors import UserError
 from dreamerv4.evaluation.report import NOT_RUN, SECTIONS, write_report
 from dreamerv4.evaluation.report_data import CRAFTER_EVAL_FILES, collect, crafter_eval_path, headline
+from dreamerv4.media import image_grid, save_png
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.logging import MetricsLog, image_grid, save_png
+from dreamerv4.training.logging import MetricsLog
 
 ACHIEVEMENTS = ["collect_drink", "collect_sapling", "collect_wood", "place_plant", "wake_up"]
 

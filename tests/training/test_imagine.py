@@ -278,7 +278,7 @@ def write_agent_run(agent: AgentModel, out_dir: Path, latents: Path) -> tuple[Pa
 
 
 def test_train_imagine_end_to_end(tiny_crafter_root, tmp_path):
-    from dreamerv4.training.agent import load_agent
+    from dreamerv4.training.stages import load_agent
 
     latents = write_latent_folder(tiny_crafter_root, tmp_path / "latents")
     agent = tiny_agent()

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import yaml
 
 from dreamerv4.checkpoint import load_checkpoint
-from dreamerv4.training.logging import image_grid, read_metrics
+from dreamerv4.media import image_grid
+from dreamerv4.training.logging import read_metrics
 from dreamerv4.training.loop import TrainingDivergedError
 from dreamerv4.training.resume import run_finished
 

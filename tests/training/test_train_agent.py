@@ -15,12 +15,14 @@ import yaml
 
 from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.config import load_config
-from dreamerv4.data.latents import LatentSequenceDataset, tokenize_dataset
+from dreamerv4.data.latents import LatentSequenceDataset
 from dreamerv4.errors import CheckpointError, UserError
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.agent import WithReturns, discounted_returns, load_agent, train_agent
+from dreamerv4.training.agent import WithReturns, discounted_returns, train_agent
 from dreamerv4.training.dynamics import train_dynamics
 from dreamerv4.training.logging import read_metrics
+from dreamerv4.training.stages import load_agent
+from dreamerv4.training.tokenize import tokenize_dataset
 from dreamerv4.training.tokenizer import train_tokenizer
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}

@@ -23,13 +23,13 @@ import yaml
 from dreamerv4.checkpoint import load_checkpoint, save_checkpoint
 from dreamerv4.cli import main
 from dreamerv4.config import from_dict, load_config, to_dict
-from dreamerv4.data.latents import tokenize_dataset
 from dreamerv4.errors import UserError
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.dynamics import train_dynamics
 from dreamerv4.training.logging import read_metrics
 from dreamerv4.training.resume import CHECKPOINT_FORMAT
+from dreamerv4.training.tokenize import tokenize_dataset
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}
 TIMING_KEYS = {"elapsed_min", "samples_per_s", "frames_per_s"}
@@ -146,12 +146,13 @@ def test_latents_of_another_tokenizer_are_refused(latent_run, tmp_path):
 
 def test_latent_scale_zero_is_measured_and_kept(latent_run, tmp_path):
     from dreamerv4.data.latents import LatentSequenceDataset
-    from dreamerv4.training.dynamics import load_dynamics, measure_latent_scale
+    from dreamerv4.training.dynamics import measure_latent_scale
+    from dreamerv4.training.stages import load_dynamics
 
     path = write_config(tmp_path / "cfg.yaml", tmp_path / "run", latent_run, steps=2, image_every=0, eval_every=0)
     cfg = load_config(RunConfig, path, ["dynamics.model.latent_scale=0"])
     train_dynamics(cfg)
-    model, run, _ = load_dynamics(tmp_path / "run" / "dynamics" / "checkpoint.pt")
+    model, run = load_dynamics(tmp_path / "run" / "dynamics" / "checkpoint.pt")
     data = LatentSequenceDataset(latent_run["latents"], seq_len=8, split="train", stride=2, val_fraction=0.34)
     values = torch.cat([data[i]["latents"].flatten() for i in range(len(data))])
     assert model.cfg.latent_scale == run.dynamics.model.latent_scale == measure_latent_scale(data)

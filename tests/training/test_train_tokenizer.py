@@ -29,11 +29,11 @@ from dreamerv4.cli import main
 from dreamerv4.config import load_config, to_dict
 from dreamerv4.errors import ConfigError
 from dreamerv4.data.dataset import SequenceDataset
-from dreamerv4.evaluation.tokenizer import load_tokenizer
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.run_config import RunConfig
 from dreamerv4.training.logging import read_metrics
 from dreamerv4.data.episodes import write_episode
+from dreamerv4.training.stages import load_tokenizer
 from dreamerv4.training.tokenizer import dark_window_repeats, train_tokenizer
 
 NET = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_kv_heads": 2, "time_every": 2, "num_registers": 1}

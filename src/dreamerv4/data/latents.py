@@ -1,6 +1,7 @@
 """Latent datasets: episodes encoded once by a frozen tokenizer, read by the dynamics model (Phase 1B).
 
     dreamerv4 data tokenize --checkpoint runs/x/tokenizer/checkpoint.pt --data data/crafter --out runs/x/latents
+    (training/tokenize.py loads the tokenizer; `write_latent_folder` writes the folder)
 
     ds = LatentSequenceDataset("runs/x/latents", seq_len=16, stride=4, split="train")
     ds[0]   # latents (16, 16, 32) float32, actions (16,) int64 codes, rewards (16,) float32
@@ -52,12 +53,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dreamerv4.actions import get_action_space, layout_of
-from dreamerv4.checkpoint import load_checkpoint
 from dreamerv4.data.dataset import Split, split_episodes, window_starts
 from dreamerv4.data.episodes import (
     ACTIONS_FILE, OBSERVATIONS_FILE, REWARDS_FILE, episode_name, find_episodes, has_observations, load_actions,
     load_frames, load_rewards, publish_folder, read_episode_info,
 )
+from dreamerv4.data.shards import is_shard_root, shard_sources
 from dreamerv4.errors import DataError, UserError
 
 LATENTS_FILE = "latents.npy"
@@ -343,20 +344,20 @@ def _write_latent_episode(dest: Path, latents: np.ndarray, copy_files: Callable[
         raise
 
 
-def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, overwrite: bool = False,
-                     batch_frames: int = 256, context: int | None = None, progress: bool = True) -> dict:
-    """Encode every episode of `data` with the tokenizer of `checkpoint` into the latent folder `out`
-    (module docstring). `context`: frames per encoding chunk (default the tokenizer's training
-    seq_len). Episodes already in `out` from the same tokenizer and context are kept; anything else
-    already there is an error unless `overwrite`. Returns the manifest."""
-    from dreamerv4.evaluation.tokenizer import load_tokenizer  # evaluation imports data; import late
-
-    from dreamerv4.data.shards import is_shard_root, shard_sources
-
+def write_latent_folder(tokenizer, source: dict, data: str | Path, out: str | Path, *, context: int,
+                        overwrite: bool = False, batch_frames: int = 256, progress: bool = True) -> dict:
+    """Encode every episode of `data` (an episode folder, or a shard folder or URL) with `tokenizer`
+    into the latent folder `out` (module docstring), in chunks of `context` frames. `source` is what
+    the manifest records of the tokenizer: {"checkpoint", "step", "done", "model"}
+    (`dreamerv4 data tokenize` fills it from the checkpoint: training/tokenize.py). Episodes already in
+    `out` from the same tokenizer and context are kept; anything else already there is an error
+    unless `overwrite`. Returns the manifest."""
     sharded = is_shard_root(data)
-    data, out, checkpoint = (str(data) if sharded else Path(data)), Path(out), Path(checkpoint)
+    data, out = (str(data) if sharded else Path(data)), Path(out)
     if batch_frames < 1:
         raise UserError(f"--batch-frames must be >= 1, got {batch_frames}")
+    if context < 1:
+        raise UserError(f"--context must be >= 1, got {context}")
     if not sharded:
         sources = find_episodes(data)
         if not sources:
@@ -366,20 +367,11 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
         data_abs, out_abs = data.resolve(), out.resolve()
         if out_abs == data_abs or data_abs in out_abs.parents or out_abs in data_abs.parents:
             raise UserError(f"--out {out} and --data {data} must not contain one another")
-    tokenizer, tok_cfg = load_tokenizer(checkpoint)
-    tokenizer.requires_grad_(False)
-    if torch.cuda.is_available():
-        tokenizer.cuda()
-    context = int(context or tok_cfg.tokenizer.train.seq_len)
-    if context < 1:
-        raise UserError(f"--context must be >= 1, got {context}")
-    tok_ckpt = load_checkpoint(checkpoint)
     identity = {"fingerprint": tokenizer_fingerprint(tokenizer), "context": context}
     manifest = {
         "format": MANIFEST_FORMAT,
-        "tokenizer": {"checkpoint": str(checkpoint.resolve()), "fingerprint": identity["fingerprint"],
-                      "step": int(tok_ckpt.get("step", -1)), "done": bool(tok_ckpt.get("done", False)),
-                      "model": tok_ckpt["config"]["tokenizer"]["model"]},
+        "tokenizer": {"checkpoint": source["checkpoint"], "fingerprint": identity["fingerprint"],
+                      "step": source["step"], "done": source["done"], "model": source["model"]},
         "context": context,
         "num_latents": tokenizer.cfg.num_latents,
         "latent_dim": tokenizer.cfg.latent_dim,
@@ -388,7 +380,6 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
         "episodes": {},
         "complete": False,
     }
-    del tok_ckpt
 
     keep_existing = False
     manifest_path = out / MANIFEST_FILE
@@ -432,7 +423,7 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
             else:
                 latents = encode_episode(tokenizer, frames(), context, batch_frames)
                 if not np.isfinite(latents).all():
-                    raise UserError(f"{checkpoint}: the tokenizer gave NaN or inf latents for {path}")
+                    raise UserError(f"{source['checkpoint']}: the tokenizer gave NaN or inf latents for {path}")
                 _write_latent_episode(dest, latents, copy_files, replace=overwrite)
                 encoded += 1
             manifest["episodes"][name] = info.length
@@ -443,15 +434,3 @@ def tokenize_dataset(checkpoint: str | Path, data: str | Path, out: str | Path, 
     _write_json(manifest_path, manifest)
     manifest["_counts"] = {"encoded": encoded, "skipped": skipped}
     return manifest
-
-
-def cmd_tokenize(args) -> int:
-    manifest = tokenize_dataset(args.checkpoint, args.data, args.out, overwrite=args.overwrite,
-                                batch_frames=args.batch_frames, context=getattr(args, "context", None))
-    counts = manifest.pop("_counts")
-    frames = sum(manifest["episodes"].values())
-    print(f"{args.out}: {len(manifest['episodes'])} episodes, {frames} frames of ({manifest['num_latents']}, "
-          f"{manifest['latent_dim']}) latents ({counts['encoded']} encoded, {counts['skipped']} already there); "
-          f"tokenizer {manifest['tokenizer']['checkpoint']} step {manifest['tokenizer']['step']}, "
-          f"context {manifest['context']}")
-    return 0

@@ -44,6 +44,7 @@ from dreamerv4.data.latents import MANIFEST_FILE, LatentSequenceDataset, encode_
 from dreamerv4.errors import DataError
 from dreamerv4.models.agent import AgentModel
 from dreamerv4.run_config import RunConfig
+from dreamerv4.training.stages import load_agent, load_tokenizer, tokenizer_context
 
 BATCH = 16
 REWARD_EVENT = 0.5
@@ -68,18 +69,6 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def tokenizer_context(run: RunConfig, tokenizer_cfg: RunConfig) -> int:
-    """Frames per encoding chunk: the context of the agent's latent folder when it exists, else the
-    tokenizer's training seq_len (what `data tokenize` uses by default)."""
-    manifest = Path(run.agent.latents or run.dynamics.latents) / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            return int(json.loads(manifest.read_text())["context"])
-        except (OSError, ValueError, KeyError):
-            pass
-    return int(tokenizer_cfg.tokenizer.train.seq_len)
-
-
 def heldout_windows(data: str | Path, run: RunConfig, seq_len: int) -> list[dict[str, np.ndarray]]:
     """Non-overlapping windows {latents (T,L,C), actions (T,), rewards (T,), achievements (T,K)} of a latent
     or episode folder (K = 0 when the episodes record no achievements)."""
@@ -90,8 +79,6 @@ def heldout_windows(data: str | Path, run: RunConfig, seq_len: int) -> list[dict
         episodes = [(np.asarray(np.load(i.path / "latents.npy", mmap_mode="r")), i.codes, i.rewards, i.achievements)
                     for i in ds.episodes]
     else:
-        from dreamerv4.evaluation.tokenizer import load_tokenizer
-
         paths = find_episodes(data)
         if not paths:
             raise DataError(f"{data}: no episode folders and no {MANIFEST_FILE}")
@@ -191,8 +178,6 @@ def predict(agent: AgentModel, windows: list[dict], seed: int = 0) -> dict[str, 
 def evaluate_agent(checkpoint: str | Path, data: str | Path, out: str | Path | None = None) -> dict:
     """Score the agent of `checkpoint` on `data` (module docstring); writes JSON to `out` (default
     eval.json next to the checkpoint) and returns the report."""
-    from dreamerv4.training.agent import load_agent
-
     started = time.perf_counter()
     agent, run = load_agent(checkpoint)
     seq_len = run.agent.train.seq_len

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamerv4.data.crafter_layout import (
-    BACKGROUND_LABELS, CELL_PX, GRID_COLS, GRID_ROWS, NUM_LABELS, SEMANTIC_NAMES, local_semantic,
+    BACKGROUND_LABELS, CELL_PX, GRID_COLS, GRID_ROWS, NUM_LABELS, SEMANTIC_NAMES, dark_frames, local_semantic,
 )
+from dreamerv4.data.crafter_record import make_crafter_env  # crafter.Env made reproducible
 from dreamerv4.checkpoint import load_checkpoint, save_checkpoint
 from dreamerv4.errors import CheckpointError
 from dreamerv4.evaluation.metrics import psnr, ssim
@@ -221,18 +222,6 @@ def _scores(predicted: np.ndarray, y: np.ndarray) -> dict:
     }
 
 
-# Crafter's night (and sleep) desaturates the view: mean over the world area of each pixel's
-# max - min channel. Day frames of the recorded held-out episodes: median 0.43; night ones < 0.2.
-DARK_SATURATION = 0.2
-
-
-def dark_frames(images: torch.Tensor) -> np.ndarray:
-    """(N,) bool: real frames (N,3,64,64) in [0,1] whose world area is desaturated (night or sleep)."""
-    world = images[:, :, : GRID_ROWS * CELL_PX, : GRID_COLS * CELL_PX]
-    saturation = (world.amax(dim=1) - world.amin(dim=1)).mean(dim=(1, 2))
-    return (saturation < DARK_SATURATION).numpy()
-
-
 def retention_by_light(classifier: CellClassifier, real: torch.Tensor, recon: torch.Tensor, labels: np.ndarray) -> dict:
     """Object retention of `recon` on the light and on the dark (`dark_frames` of `real`) frames:
     {"light"|"dark": {"frames", "object_cells", "object_retention", "real_object_retention"}}."""
@@ -287,8 +276,6 @@ def play_random(seed: int, frames: int, max_episode_steps: int = 10_000) -> tupl
     """Frames (N,64,64,3) uint8 and labels (N,7,9) from uniformly random actions in Crafter
     worlds seeded seed, seed+1, ... (one world per episode). For tests and this module's report;
     recorded episodes carry the same labels in observations.npz['semantic']."""
-    from dreamerv4.data.crafter_record import make_crafter_env  # crafter.Env made reproducible
-
     rng = np.random.default_rng(seed)
     out_frames, out_labels = [], []
     episode = 0

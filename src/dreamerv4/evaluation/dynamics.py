@@ -51,9 +51,10 @@ from dreamerv4.data.latents import decode_latents, encode_episode, frames_to_flo
 from dreamerv4.errors import CheckpointError, UserError
 from dreamerv4.evaluation.cells import retention
 from dreamerv4.evaluation.metrics import psnr, ssim
-from dreamerv4.evaluation.tokenizer import _json_safe, cell_classifier, load_tokenizer
+from dreamerv4.evaluation.tokenizer import _json_safe, cell_classifier
+from dreamerv4.media import context_borders, write_side_by_side
 from dreamerv4.models.dynamics import NO_ACTION, DynamicsModel, Rollout, previous_actions
-from dreamerv4.training.dynamics import load_dynamics
+from dreamerv4.training.stages import load_dynamics, load_tokenizer, tokenizer_identity
 
 HORIZONS = (1, 4, 8, 15)
 PSNR_CAP = 50.0
@@ -165,7 +166,8 @@ def evaluate_dynamics(checkpoint: str | Path, data: str | Path, out: str | Path 
     checkpoint = Path(checkpoint)
     if context < 1 or not horizons or min(horizons) < 1:
         raise UserError(f"--context ({context}) and every horizon ({horizons}) must be >= 1")
-    model, cfg, identity = load_dynamics(checkpoint, require_done=False)
+    model, cfg = load_dynamics(checkpoint)
+    identity = tokenizer_identity(checkpoint)
     tok_path = Path(tokenizer or cfg.dynamics.tokenizer_checkpoint or Path(cfg.out_dir) / "tokenizer" / "checkpoint.pt")
     tok, _ = load_tokenizer(tok_path)
     if tokenizer_fingerprint(tok) != identity["fingerprint"]:
@@ -252,8 +254,6 @@ def evaluate_dynamics(checkpoint: str | Path, data: str | Path, out: str | Path 
     shown = sorted({int(i) for i in np.linspace(0, n - 1, min(video_windows, n)).round()})
     video = {}
     if shown:
-        from dreamerv4.evaluation.video import context_borders, write_side_by_side
-
         context_frames = real[shown, :context]
         panels = [real[shown]] + [torch.cat((context_frames, future[m][shown]), dim=1)
                                   for m in ("model", "shuffled_actions")]

@@ -42,6 +42,8 @@ from dreamerv4.data.latents import decode_latents, encode_episode
 from dreamerv4.errors import DataError, UserError
 from dreamerv4.evaluation.crafter import policy_label, write_json_report
 from dreamerv4.evaluation.metrics import psnr
+from dreamerv4.training.imagine import imagine
+from dreamerv4.training.stages import load_agent, load_tokenizer, tokenizer_context
 
 UNLOCK_REWARD = 0.5  # a step's reward above this is an achievement unlock (+1); health changes are +-0.1 each
 
@@ -166,11 +168,6 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
     also written as JSON (default: <run>/eval/imagination_<bc|imagine>.json). reward: the imagined
     reward, as `imagine.reward` ("head" or "unlocks", which starts from the replayed state's unlocked
     achievements); "auto": unlocks when the agent has an unlock head."""
-    from dreamerv4.evaluation.agent import tokenizer_context
-    from dreamerv4.evaluation.tokenizer import load_tokenizer
-    from dreamerv4.training.agent import load_agent
-    from dreamerv4.training.imagine import imagine
-
     if starts < 1 or horizon < 1:
         raise UserError(f"--starts ({starts}) and --horizon ({horizon}) must be at least 1")
     started = time.perf_counter()

@@ -23,35 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreamerv4.checkpoint import load_checkpoint, require_stage
-from dreamerv4.config import from_dict
 from dreamerv4.data.dataset import SequenceDataset
 from dreamerv4.data.episodes import load_frames, load_observations
-from dreamerv4.errors import CheckpointError
 from dreamerv4.evaluation.cells import CellClassifier, evaluate_reconstructions
+from dreamerv4.media import image_grid, save_png
+from dreamerv4.models.lpips import LPIPS
 from dreamerv4.models.tokenizer import Tokenizer, unpatchify
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.logging import image_grid, save_png
-from dreamerv4.training.config import drop_retired
-from dreamerv4.training.resume import CHECKPOINT_FORMAT, load_weights
+from dreamerv4.training.stages import load_tokenizer
 
 CELLS_CACHE = "cells.pt"  # the fitted cell classifier, next to the checkpoint
 CELLS_CACHE_INFO = "cells.json"  # what it was fitted on; a different fit refits it
-
-
-def load_tokenizer(checkpoint: str | Path, require_done: bool = False) -> tuple[Tokenizer, RunConfig]:
-    """The tokenizer of a `train tokenizer` checkpoint, rebuilt from the run config stored inside it."""
-    ckpt = load_checkpoint(checkpoint)
-    config = ckpt.get("config")
-    require_stage(ckpt, checkpoint, "tokenizer")  # another stage's checkpoint: say which
-    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "tokenizer" not in config:
-        raise CheckpointError(f"{checkpoint}: not a `dreamerv4 train tokenizer` checkpoint (no training-loop "
-                              "format or no run config with a tokenizer section inside)")
-    del ckpt  # load_weights reads the file again; drop this copy (optimizer state and all) first
-    cfg = from_dict(RunConfig, drop_retired(config), f"{checkpoint}:config")
-    model = Tokenizer(cfg.tokenizer.model)
-    load_weights(model, checkpoint, require_done=require_done)
-    return model.eval(), cfg
 
 
 def fit_frames(root: str | Path, cfg: RunConfig, max_frames: int, seed: int = 0,
@@ -139,9 +121,7 @@ def evaluate_tokenizer(checkpoint: str | Path, data: str | Path, split: str = "v
 
     fit_root = Path(fit_data or cfg.data.path)
     classifier = cell_classifier(checkpoint.parent, fit_root, cfg, fit_max_frames, fit_steps) if crafter else None
-    from dreamerv4.models.lpips import LPIPS  # reported even when the run trained without it
-
-    lpips = LPIPS(cfg.tokenizer.lpips_net).eval()
+    lpips = LPIPS(cfg.tokenizer.lpips_net).eval()  # reported even when the run trained without it
     metrics = evaluate_reconstructions(real, recon, labels, classifier, lpips)
     # Reference points on the same frames.
     fit_x, _ = fit_frames(fit_root, cfg, 2048, seed=1, with_labels=False)

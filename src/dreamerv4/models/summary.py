@@ -1,4 +1,4 @@
-"""`dreamerv4 info params`: parameter counts of the configured models, next to the reference arithmetic.
+"""Parameter counts of the configured models, next to the reference arithmetic (`dreamerv4 info params`, info.py).
 
     dreamerv4 info params --config configs/crafter-small.yaml [tokenizer.model.encoder.depth=4 ...]
 
@@ -10,15 +10,11 @@ where each difference comes from.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import nn
 
-from dreamerv4.config import load_config
 from dreamerv4.models.tokenizer import Tokenizer, TokenizerConfig
 from dreamerv4.models.transformer import Block, SpaceTimeTransformer, TransformerConfig
-from dreamerv4.run_config import RunConfig
 
 # The reference arithmetic (docs/design.md, Reference sizes), for embed_dim 256, depth 6.
 SEED_ATTENTION = 197_000  # "Attention: ~197K parameters" (its QKV projection, 3 x 256 x 256)
@@ -100,9 +96,3 @@ def tokenizer_report(cfg: TokenizerConfig) -> str:
         *seed_comparison(cfg.encoder, tok.encoder),
     ]
     return "\n".join(lines)
-
-
-def cmd_params(args: argparse.Namespace) -> int:
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    print(tokenizer_report(cfg.tokenizer.model))
-    return 0

@@ -19,7 +19,7 @@ action; each action then costs K shortcut steps + 1 cached pass of the world mod
 is capped at `max_context` frames (the world model's training seq_len) like `AgentPolicy` caps it:
 when full, a fresh rollout observes the last max_context // 2 frames again. Latents are encoded and
 decoded with a tokenizer KVCache in chunks of the tokenizer's context aligned at the episode start,
-as `data tokenize` encoded the training data. Real-game agent play is `evaluation/crafter.py
+as `data tokenize` encoded the training data. Real-game agent play is `models/policy.py
 AgentPolicy`, unchanged.
 """
 
@@ -34,13 +34,17 @@ import numpy as np
 import torch
 
 from dreamerv4.actions import CRAFTER_ACTIONS
+from dreamerv4.checkpoint import checkpoint_stage, load_checkpoint
 from dreamerv4.data.crafter_record import make_crafter_env
 from dreamerv4.data.latents import frames_to_float
 from dreamerv4.errors import CheckpointError, UserError
-from dreamerv4.evaluation.crafter import AgentPolicy
+from dreamerv4.evaluation.metrics import psnr
+from dreamerv4.media import write_side_by_side
 from dreamerv4.models.agent import AgentModel, AgentRollout
 from dreamerv4.models.dynamics import NO_ACTION, DynamicsModel, Rollout
+from dreamerv4.models.policy import AgentPolicy
 from dreamerv4.models.transformer import KVCache
+from dreamerv4.training.stages import load_agent, load_dynamics, load_tokenizer, tokenizer_context
 
 MODES = ("dream", "real", "side", "agent")
 AGENT_WORLDS = ("dream", "real")
@@ -64,10 +68,7 @@ class PlayModels:
 
 
 def _is_agent_checkpoint(path: Path) -> bool:
-    from dreamerv4.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)["model"]
-    return any(key.split(".")[-1] == "agent_tokens" for key in state)
+    return checkpoint_stage(load_checkpoint(path)) in ("agent", "imagine")
 
 
 def _require_crafter(space_name: str, path: Path, what: str) -> None:
@@ -84,11 +85,6 @@ def load_play_models(run_dir: str | Path | None = None, checkpoint: str | Path |
     and `policy` picks the agent: "imagine" (imagine/checkpoint.pt), "bc" (agent/checkpoint.pt) or
     "auto" (imagine when present, else bc, else none). checkpoint: a dynamics checkpoint (no agent
     mode) or an agent/imagine checkpoint (its own world model dreams). UserError on bad input."""
-    from dreamerv4.evaluation.agent import tokenizer_context
-    from dreamerv4.evaluation.tokenizer import load_tokenizer
-    from dreamerv4.training.agent import load_agent
-    from dreamerv4.training.dynamics import load_dynamics
-
     if (run_dir is None) == (checkpoint is None):
         raise UserError("give exactly one of --run RUN_DIR and --checkpoint PATH")
     if policy not in ("auto", "bc", "imagine"):
@@ -111,7 +107,7 @@ def load_play_models(run_dir: str | Path | None = None, checkpoint: str | Path |
             note = f"no {' or '.join(c + '/checkpoint.pt' for c in candidates)} in {run_dir} (the run stopped before it)"
             if policy != "auto":
                 raise UserError(f"--policy {policy}: {note}")
-        world, run, _ = load_dynamics(dynamics_path, require_done=not allow_unfinished)
+        world, run = load_dynamics(dynamics_path, require_done=not allow_unfinished)
         _require_crafter(world.action_space.name, dynamics_path, "world model")
         world_path = dynamics_path
     else:
@@ -122,7 +118,7 @@ def load_play_models(run_dir: str | Path | None = None, checkpoint: str | Path |
             agent_path = world_path
             world = None
         else:
-            world, run, _ = load_dynamics(world_path, require_done=not allow_unfinished)
+            world, run = load_dynamics(world_path, require_done=not allow_unfinished)
             _require_crafter(world.action_space.name, world_path, "world model")
             note = f"{world_path} is a world model without an agent (pass an agent or imagine checkpoint)"
         tokenizer_path = None if tokenizer is None else Path(tokenizer)
@@ -224,8 +220,6 @@ class ChunkedCodec:
 
 def frame_psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 frames (inf when identical), as evaluation/metrics.py computes it."""
-    from dreamerv4.evaluation.metrics import psnr
-
     to_float = lambda x: frames_to_float(x[None])  # noqa: E731
     return float(psnr(to_float(a), to_float(b))[0])
 
@@ -376,8 +370,6 @@ class PlaySession:
 
     def episode_video(self, fps: float, kind: str, folder: Path) -> Path:
         """The episode so far (each panel side by side, 4x upscaled) as <folder>/episode.gif or .mp4."""
-        from dreamerv4.evaluation.video import write_side_by_side
-
         if not self.frames:
             raise UserError("nothing played yet")
         panels = [np.stack(self.frames[name]) for name in self.panels if name in self.frames]

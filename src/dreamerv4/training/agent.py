@@ -48,61 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dreamerv4.checkpoint import load_checkpoint, require_stage
-from dreamerv4.config import from_dict, load_config, to_dict
+from dreamerv4.config import load_config, to_dict
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset
-from dreamerv4.errors import CheckpointError, ConfigError, UserError
+from dreamerv4.errors import ConfigError, UserError
 from dreamerv4.models.agent import AgentModel, mtp_targets
-from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.dynamics import load_dynamics, validation_batches, validation_windows
-from dreamerv4.training.dynamics import resolve_paths as resolve_dynamics_paths
-from dreamerv4.training.config import drop_retired
+from dreamerv4.training.dynamics import validation_batches, validation_windows
 from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.loss_norm import RunningRMS
-from dreamerv4.training.resume import CHECKPOINT_FORMAT, require_finished
 from dreamerv4.training.runtime import resolve_device
 from dreamerv4.training.shortcut import shortcut_forcing_loss
-
-
-def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """cfg with agent.dynamics_checkpoint and agent.latents filled in when empty (module docstring)."""
-    dyn = resolve_dynamics_paths(cfg).dynamics
-    stage = dataclasses.replace(
-        cfg.agent,
-        dynamics_checkpoint=cfg.agent.dynamics_checkpoint or str(Path(cfg.out_dir) / "dynamics" / "checkpoint.pt"),
-        latents=cfg.agent.latents or dyn.latents,
-    )
-    return dataclasses.replace(cfg, agent=stage)
-
-
-def _run_config(path: str | Path, ckpt: dict, section: str) -> RunConfig:
-    config = ckpt.get("config")
-    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or section not in config:
-        raise CheckpointError(f"{path}: not a training-loop checkpoint with a {section!r} section in its run config")
-    if section == "agent":  # every run config has every section: the weights tell the stage
-        require_stage(ckpt, path, "agent", "imagine")  # another stage's checkpoint: say which
-    return from_dict(RunConfig, drop_retired(config), f"{path}:config")
-
-
-def load_agent(path: str | Path, require_done: bool = False) -> tuple[AgentModel, RunConfig]:
-    """The AgentModel of a `train agent` checkpoint (or of a later stage that saves an AgentModel
-    state dict as its model, optionally under an "agent." prefix), rebuilt from the run config
-    inside it; eval mode. The config's `dynamics` section is the dynamics run the agent started from."""
-    ckpt = load_checkpoint(path)
-    run = _run_config(path, ckpt, "agent")
-    if ckpt.get("format") == CHECKPOINT_FORMAT and require_done:
-        require_finished(ckpt, path)
-    state = ckpt["model"]
-    if not any(k.startswith("agent_tokens") for k in state) and any(k.startswith("agent.") for k in state):
-        state = {k[len("agent."):]: v for k, v in state.items() if k.startswith("agent.")}
-    model = AgentModel(DynamicsModel(run.dynamics.model), run.agent.model)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not hold an AgentModel of its config ({exc})") from exc
-    return model.eval(), run
+from dreamerv4.training.stages import load_dynamics, resolve_agent_paths, tokenizer_identity
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -186,11 +143,12 @@ def agent_losses(model: AgentModel, out: dict, actions: torch.Tensor, rewards: t
 
 def train_agent(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     """Train cfg.agent from the dynamics checkpoint into <cfg.out_dir>/agent (module docstring)."""
-    cfg = resolve_paths(cfg)
+    cfg = resolve_agent_paths(cfg)
     stage = cfg.agent
     if stage.train.seq_len < 2:
         raise ConfigError(f"agent.train.seq_len must be >= 2, got {stage.train.seq_len}")
-    dynamics, dyn_run, identity = load_dynamics(stage.dynamics_checkpoint)
+    dynamics, dyn_run = load_dynamics(stage.dynamics_checkpoint, require_done=True)
+    identity = tokenizer_identity(stage.dynamics_checkpoint)
     if dyn_run.dynamics.model.action_space != cfg.data.action_space:
         raise ConfigError(f"{stage.dynamics_checkpoint}: a {dyn_run.dynamics.model.action_space} model, but "
                           f"data.action_space is {cfg.data.action_space!r}")

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dreamerv4.errors import CheckpointError
+
 # Rank 0 runs the image/eval hooks while the others wait in the next step's gradient all-reduce;
 # NCCL's default 10 min timeout would abort a long evaluation.
 TIMEOUT_ENV = "DREAMERV4_DIST_TIMEOUT_MIN"
@@ -106,8 +108,6 @@ class DistContext:
             raise error
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
-            from dreamerv4.errors import CheckpointError
-
             rank, message = failed[0]
             raise CheckpointError(f"rank {rank} failed at {what}: {message}")
 

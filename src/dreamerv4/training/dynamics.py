@@ -31,34 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamerv4.checkpoint import load_checkpoint, require_stage
-from dreamerv4.config import from_dict, load_config, to_dict
+from dreamerv4.config import load_config, to_dict
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset, decode_latents, tokenizer_fingerprint
-from dreamerv4.errors import CheckpointError, ConfigError, DataError, UserError
+from dreamerv4.errors import ConfigError, DataError, UserError
+from dreamerv4.media import context_borders, image_grid, write_side_by_side
 from dreamerv4.models.dynamics import DynamicsModel
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.logging import image_grid
-from dreamerv4.training.config import drop_retired
 from dreamerv4.training.loop import TrainSummary, train
-from dreamerv4.training.resume import CHECKPOINT_FORMAT, load_weights
 from dreamerv4.training.runtime import resolve_device
 from dreamerv4.training.shortcut import sample_step_and_signal, shortcut_forcing_loss
+from dreamerv4.training.stages import load_tokenizer, resolve_dynamics_paths
 
 VAL_WINDOWS = 64  # validation windows scored by eval_fn
 VAL_BATCH = 16
-
-
-def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """cfg with dynamics.tokenizer_checkpoint and dynamics.latents filled in from out_dir when empty."""
-    stage = cfg.dynamics
-    out = Path(cfg.out_dir)
-    stage = dataclasses.replace(
-        stage,
-        tokenizer_checkpoint=stage.tokenizer_checkpoint or str(out / "tokenizer" / "checkpoint.pt"),
-        latents=stage.latents or str(out / "latents"),
-    )
-    return dataclasses.replace(cfg, dynamics=stage)
 
 
 class TokenizerIdentity:
@@ -80,8 +66,6 @@ class TokenizerIdentity:
 
 def _load_frozen_tokenizer(path: Path, manifest: dict, device: torch.device):
     """The tokenizer for the images, or None (with a note) when the checkpoint does not exist."""
-    from dreamerv4.evaluation.tokenizer import load_tokenizer
-
     if not path.is_file():
         print(f"{path}: no tokenizer checkpoint; training without rollout images "
               "(set dynamics.tokenizer_checkpoint to get them)", file=sys.stderr)
@@ -140,7 +124,7 @@ def validation_batches(data: LatentSequenceDataset, k_max: int | None = None, bo
 
 def train_dynamics(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     """Train cfg.dynamics on the latent folder into <cfg.out_dir>/dynamics (module docstring)."""
-    cfg = resolve_paths(cfg)
+    cfg = resolve_dynamics_paths(cfg)
     stage = cfg.dynamics
     if stage.model.action_space != cfg.data.action_space:
         raise ConfigError(f"dynamics.model.action_space {stage.model.action_space!r} differs from "
@@ -171,8 +155,6 @@ def train_dynamics(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         return shortcut_forcing_loss(model, batch["latents"], batch["actions"])
 
     def on_image(step: int, model: DynamicsModel, batch: dict) -> dict | None:
-        from dreamerv4.evaluation.video import context_borders, write_side_by_side
-
         latents, actions = batch["latents"][:4].float(), batch["actions"][:4]
         t = latents.shape[1]
         c = max(1, min(stage.image_context, t - 1))
@@ -205,24 +187,6 @@ def train_dynamics(cfg: RunConfig, resume: bool = False) -> TrainSummary:
         extra_state={"tokenizer": identity}, on_image=on_image if tokenizer is not None else None, eval_fn=eval_fn,
         frames_per_sample=stage.train.seq_len, num_workers=cfg.data.num_workers, collate_fn=collate_windows,
     )
-
-
-def load_dynamics(path: str | Path, require_done: bool = True) -> tuple[DynamicsModel, RunConfig, dict]:
-    """The DynamicsModel of a `train dynamics` checkpoint (eval mode), the run config stored in it (paths
-    resolved) and its tokenizer identity {"fingerprint", "checkpoint", "context", "step" (the dynamics
-    training step)}. `require_done` refuses a run that stopped before finishing (see load_weights)."""
-    ckpt = load_checkpoint(path)
-    config, identity = ckpt.get("config"), ckpt.get("extra", {}).get("tokenizer")
-    require_stage(ckpt, path, "dynamics")  # another stage's checkpoint: say which
-    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(config, dict) or "dynamics" not in config \
-            or not isinstance(identity, dict):  # train dynamics keeps its tokenizer's identity
-        raise CheckpointError(f"{path}: not a `dreamerv4 train dynamics` checkpoint")
-    identity = {**identity, "step": int(ckpt.get("step", -1))}
-    del ckpt
-    run = resolve_paths(from_dict(RunConfig, drop_retired(config), f"{path}:config"))
-    model = DynamicsModel(run.dynamics.model)
-    load_weights(model, path, require_done=require_done)
-    return model.eval(), run, identity
 
 
 def cmd_train(args) -> int:

@@ -54,14 +54,17 @@ import torch
 from torch import nn
 
 from dreamerv4.config import load_config, to_dict
+from dreamerv4.data.crafter_record import crafter_score
 from dreamerv4.data.dataset import collate_windows
 from dreamerv4.data.latents import LatentSequenceDataset
 from dreamerv4.errors import ConfigError
 from dreamerv4.models.agent import AgentModel, AgentRollout
 from dreamerv4.models.dynamics import NO_ACTION, previous_actions
+from dreamerv4.models.policy import AgentPolicy, play_episodes, policy_seed
 from dreamerv4.run_config import ImagineStage, RunConfig
 from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.returns import lambda_returns, pmpo_loss, value_loss
+from dreamerv4.training.stages import load_agent, load_tokenizer, resolve_agent_paths, tokenizer_context
 
 
 class PriorPolicy(nn.Module):
@@ -228,9 +231,6 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 
 def train_imagine(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     """Train cfg.imagine from the agent checkpoint into <cfg.out_dir>/imagine (module docstring)."""
-    from dreamerv4.training.agent import load_agent  # imports the Phase 2 trainer; keep this module light
-    from dreamerv4.training.agent import resolve_paths as resolve_agent_paths
-
     cfg = resolve_paths(cfg)
     stage = cfg.imagine
     agent, agent_run = load_agent(stage.agent_checkpoint, require_done=True)
@@ -280,11 +280,6 @@ def _crafter_eval_fn(cfg: RunConfig):
     `dreamerv4 eval crafter` plays them (same env and policy seeds from imagine.eval_seed, same context
     cap, the agent's tokenizer on live frames); logs crafter_return (mean) and crafter_score."""
     import crafter
-
-    from dreamerv4.data.crafter_record import crafter_score
-    from dreamerv4.evaluation.agent import tokenizer_context
-    from dreamerv4.evaluation.crafter import AgentPolicy, play_episodes, policy_seed
-    from dreamerv4.evaluation.tokenizer import load_tokenizer
 
     stage = cfg.imagine
     if cfg.data.action_space != "crafter":

@@ -1,8 +1,8 @@
-"""Run-folder logging for the training loop: metrics to JSONL and TensorBoard, image grids to PNG.
+"""Run-folder logging for the training loop: metrics to JSONL and TensorBoard, images to PNG.
 
     log = MetricsLog(run_dir, tensorboard=True)
     log.write({"kind": "train", "step": 10, "loss": 0.5, "lr": 3e-4})   # one JSON line + TB scalars
-    log.write_image("recon", 10, image_grid(frames))                    # images/recon_0000010.png + TB
+    log.write_image("recon", 10, image_grid(frames))                    # images/recon_0000010.png + TB (media.py)
     log.close()
 
 `metrics.jsonl` holds one JSON object per line, each with "kind" ("train", "eval" or "nonfinite")
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
+
+from dreamerv4.media import save_png
 
 METRICS_FILE = "metrics.jsonl"
 IMAGE_DIR = "images"
@@ -112,30 +112,3 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     return [r for r in records if kind is None or r.get("kind") == kind]
-
-
-def image_grid(images: torch.Tensor | np.ndarray, ncols: int = 8, pad: int = 2) -> np.ndarray:
-    """Tile images (N, 3, H, W) or (N, H, W, 3), float in [0, 1] or uint8, into one (H', W', 3) uint8 grid."""
-    array = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if array.ndim != 4:
-        raise ValueError(f"image_grid expects 4 dims (N, C, H, W) or (N, H, W, C), got shape {array.shape}")
-    if array.shape[1] == 3 and array.shape[-1] != 3:
-        array = array.transpose(0, 2, 3, 1)
-    if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    n, h, w, c = array.shape
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, ncols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = array[i]
-    return grid
-
-
-def save_png(path: str | Path, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 array as PNG, creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)

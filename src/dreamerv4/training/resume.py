@@ -81,10 +81,13 @@ def run_finished(run_dir: str | Path) -> bool:
     return path.is_file() and checkpoint_finished(load_checkpoint(path))
 
 
-def load_model_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """The checkpoint's weights into `model` (strict); CheckpointError naming `path` when they do not fit."""
+def load_model_state(model: nn.Module, state: Mapping[str, Any] | None, path: str | Path) -> None:
+    """A checkpoint's weights `state` into `model` (strict); CheckpointError naming `path` when they
+    do not fit (or are missing)."""
     try:
-        unwrap(model).load_state_dict(ckpt["model"])
+        if not isinstance(state, Mapping):
+            raise KeyError("no model weights")
+        unwrap(model).load_state_dict(state)
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: does not match the model ({exc})") from exc
 
@@ -95,7 +98,7 @@ def load_weights(model: nn.Module, path: str | Path, *, require_done: bool = Tru
     ckpt = load_checkpoint(path)
     if require_done:
         require_finished(ckpt, path)
-    load_model_state(model, ckpt, path)
+    load_model_state(model, ckpt.get("model"), path)
     return ckpt.get("config", {})
 
 

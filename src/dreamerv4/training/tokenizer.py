@@ -8,7 +8,7 @@ divided by a running estimate of its RMS so neither dominates by scale. Writes t
 reconstruction grids).
 
 `tokenizer.dark_repeat` N > 1 draws the training windows whose first frame is dark (Crafter's
-night or sleep view, `evaluation.cells.dark_frames`) N times as often: a quarter of the recorded
+night or sleep view, `data.crafter_layout.dark_frames`) N times as often: a quarter of the recorded
 frames, where objects differ from grass by a few grey levels.
 
 Logged metrics: `loss` is the optimized, RMS-normalized total (it drifts towards 1 as training
@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from dreamerv4.config import load_config, to_dict
+from dreamerv4.data.crafter_layout import dark_frames
 from dreamerv4.data.dataset import RepeatedWindows, SequenceDataset, collate_windows
+from dreamerv4.media import image_grid
+from dreamerv4.models.lpips import LPIPS
 from dreamerv4.models.tokenizer import Tokenizer, patchify, unpatchify
 from dreamerv4.run_config import RunConfig
-from dreamerv4.training.logging import image_grid
 from dreamerv4.training.loop import TrainSummary, train
 from dreamerv4.training.loss_norm import RunningRMS
 from dreamerv4.training.runtime import resolve_device
@@ -44,8 +46,6 @@ def masked_view(frames: torch.Tensor, mask: torch.Tensor, patch_size: int) -> to
 
 def dark_window_repeats(data: SequenceDataset, repeat: int, chunk: int = 1024) -> np.ndarray:
     """Per window of `data`: `repeat` where its first frame is dark (night or sleep, `dark_frames`), else 1."""
-    from dreamerv4.evaluation.cells import dark_frames
-
     dark = [dark_frames(torch.stack([data[i]["frames"][0] for i in range(start, min(start + chunk, len(data)))]))
             for start in range(0, len(data), chunk)]
     return np.where(np.concatenate(dark), repeat, 1)
@@ -72,8 +72,6 @@ def train_tokenizer(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     norms = {"mse": RunningRMS(), "lpips": RunningRMS()}
     lpips = None
     if stage.lpips_weight > 0:
-        from dreamerv4.models.lpips import LPIPS
-
         lpips = LPIPS(stage.lpips_net).to(device).eval().requires_grad_(False)
 
     def loss_fn(model: Tokenizer, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -1,6 +1,6 @@
-"""Side-by-side videos (src/dreamerv4/evaluation/video.py): layout, GIF frames and timing, MP4.
+"""Side-by-side videos (src/dreamerv4/media.py): layout, GIF frames and timing, MP4.
 
-    pytest tests/evaluation/test_video.py -q
+    pytest tests/test_media.py -q
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from dreamerv4.evaluation.video import PAD, context_borders, tile_panels, write_gif, write_side_by_side
+from dreamerv4.media import PAD, context_borders, tile_panels, write_gif, write_side_by_side
 
 
 def distinct_frames(n: int, t: int, seed: int) -> torch.Tensor:

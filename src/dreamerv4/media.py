@@ -1,7 +1,7 @@
-"""Videos of frame sequences: side-by-side panels (real | imagined | ...) as GIF, and MP4 where
-imageio-ffmpeg works.
+"""Pictures and videos of frames, shared by training (image hooks), evaluation and play.
 
-    from dreamerv4.evaluation.video import write_side_by_side
+    grid = image_grid(frames, ncols=8)            # (N, 3, H, W) float in [0, 1] or (N, H, W, 3) uint8 -> (H', W', 3) uint8
+    save_png("out/recon.png", grid)
     paths = write_side_by_side("out/rollout", [real, imagined], fps=4, scale=2)
     # real, imagined: (N, T, 3, H, W) float in [0, 1] (or (T, 3, H, W), or uint8 (..., H, W, 3));
     # each video frame shows the N sequences as rows and the panels as columns.
@@ -9,7 +9,7 @@ imageio-ffmpeg works.
 
 Frames may carry a coloured border per panel (`borders`), e.g. to mark which frames are real
 context and which are imagined. Pillow merges identical consecutive GIF frames into one longer
-frame; the playback time stays T / fps.
+frame; the playback time stays T / fps. MP4 needs imageio-ffmpeg; without it only the GIF is written.
 """
 
 from __future__ import annotations
@@ -134,3 +134,30 @@ def context_borders(context: int, total: int, real=(40, 160, 40), imagined=(200,
     colours = np.empty((total, 3), dtype=np.uint8)
     colours[:context], colours[context:] = real, imagined
     return colours
+
+
+def image_grid(images: torch.Tensor | np.ndarray, ncols: int = 8, pad: int = 2) -> np.ndarray:
+    """Tile images (N, 3, H, W) or (N, H, W, 3), float in [0, 1] or uint8, into one (H', W', 3) uint8 grid."""
+    array = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.ndim != 4:
+        raise ValueError(f"image_grid expects 4 dims (N, C, H, W) or (N, H, W, C), got shape {array.shape}")
+    if array.shape[1] == 3 and array.shape[-1] != 3:
+        array = array.transpose(0, 2, 3, 1)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    n, h, w, c = array.shape
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = array[i]
+    return grid
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 array as PNG, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
