@@ -28,7 +28,7 @@ STAGE_EVAL_FILE = "eval.json"  # <stage>/eval.json, the default output of every 
 TRAINING_STAGES = ("tokenizer", "dynamics", "agent", "imagine")  # folder names, pipeline order
 RECONSTRUCTION_IMAGE = "tokenizer/eval.png"  # evaluation/tokenizer.py: eval.json's PNG beside it
 VIDEO_DIRS = ("dynamics", "imagine")
-VIDEO_PREFERENCE = (".mp4", ".webm", ".gif")  # one video per stem: evaluation/video.py writes both GIF and MP4
+VIDEO_PREFERENCE = (".mp4", ".webm", ".gif")  # one video per stem: media.py writes both GIF and MP4
 EVAL_DIR = "eval"
 CRAFTER_EVAL_FILES = {  # policy -> file under the run folder; the writers use these names
     "random": f"{EVAL_DIR}/crafter_random.json",

@@ -122,7 +122,7 @@ def imagine(
     max_frames: the most frames the transformer sees in one sequence (None: no cap), e.g. the window
     length it was trained on. When the context holds max_frames frames, a fresh rollout observes the
     last max_frames // 2 frames again (the first with no previous action), exactly as the real-game
-    policy (evaluation/crafter.py AgentPolicy) caps its context; requires C < max_frames.
+    policy (models/policy.py AgentPolicy) caps its context; requires C < max_frames.
     unlocked (B,K): the achievements unlocked before s_0 (None: rewards from the reward head). Given, the
     reward is the unlock head's `step_reward`, which pays an achievement only while it is not yet
     unlocked; unlocked_k accumulates P_k along the rollout (also returned, (B,K), after s_H).
