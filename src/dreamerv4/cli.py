@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-steps", type=int, default=None, help="shortcut steps K per frame (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the start states and the policy's draws")
     p.add_argument("--reward", default="auto", choices=("auto", "head", "unlocks"),
-                   help="imagined reward as imagine.reward (auto: unlocks when the agent has an unlock head)")
+                   help="imagined reward as imagine.reward (auto: the checkpoint's own imagine.reward)")
     p.add_argument("--out", default=None, help="JSON report path (default: <run>/eval/imagination_<bc|imagine>.json)")
     p.set_defaults(handler="dreamerv4.evaluation.imagination:cmd_eval")
 

@@ -98,8 +98,9 @@ def test_unlock_reward_reads_the_recorded_unlocked_achievements(tiny_crafter_roo
         agent.unlock_head.out.bias.copy_(torch.cat((torch.zeros(22), torch.zeros(1))))
     windows = heldout_windows(tiny_crafter_root, run, 6)
     pred = predict(agent, windows)
-    # the reward for the action at t, read at frame t + 1, pays half of each achievement not unlocked before that action
-    expected = np.concatenate([0.5 * (22 - w["achievements"][:-1].sum(-1)) for w in windows])
+    # the reward for the action at t, read at frame t + 1: P(any new unlock) over the achievements not
+    # unlocked before that action, each at 1/2
+    expected = np.concatenate([1.0 - 0.5 ** (22 - w["achievements"][:-1].sum(-1)) for w in windows])
     assert windows[0]["achievements"].shape == (6, 22)
     assert np.allclose(pred["unlock_reward_pred"], expected, atol=1e-5)
     assert main(["eval", "agent", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),

@@ -118,10 +118,14 @@ def test_instrument_with_unlocks_starts_from_the_recorded_achievements(tiny_craf
 
     monkeypatch.setattr(imagination, "replay", spy_replay)
     monkeypatch.setattr(imagination, "imagine", spy_imagine, raising=True)
-    assert main(["eval", "imagination", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),
-                 "--starts", "3", "--horizon", "3", "--context", "2"]) == 0
+    args = ["eval", "imagination", "--checkpoint", str(checkpoint), "--data", str(tiny_crafter_root),
+            "--starts", "3", "--horizon", "3", "--context", "2"]
+    assert main(args) == 0  # auto: the reward the checkpoint's policy was trained on, "head" for a BC agent
+    assert json.loads((tmp_path / "run" / "eval" / "imagination_bc.json").read_text())["reward"] == "head"
+    replays.clear(), starts.clear()
+    assert main(args + ["--reward", "unlocks"]) == 0
     report = json.loads((tmp_path / "run" / "eval" / "imagination_bc.json").read_text())
-    assert report["reward"] == "unlocks"  # auto: the agent has an unlock head
+    assert report["reward"] == "unlocks"
     seeds, _ = episode_seeds(tiny_crafter_root)
     by_seed = {seed: name for name, seed in seeds.items()}
     assert len(starts) == len(replays) == 3

@@ -365,11 +365,12 @@ def test_step_reward_pays_an_achievement_only_while_not_unlocked():
     hidden = torch.randn(2, 32)
     unlocked = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     reward, after = agent.step_reward(hidden, unlocked)
-    assert torch.allclose(reward, torch.tensor([0.2 + 1.5, 0.2 + 0.5]))
+    # +1 for a step with any new unlock: P(any) = 1 - 0.5^3 with nothing unlocked, 0.5 with one left
+    assert torch.allclose(reward, torch.tensor([0.2 + 0.875, 0.2 + 0.5]))
     assert torch.allclose(after, torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.5]]))
     # the same event again pays what is left: half of each achievement was already unlocked
     again, _ = agent.step_reward(hidden, after)
-    assert torch.allclose(again, torch.tensor([0.2 + 0.75, 0.2 + 0.25]))
+    assert torch.allclose(again, torch.tensor([0.2 + 1 - 0.75 ** 3, 0.2 + 0.25]))
     with pytest.raises(ValueError, match="unlocked must be"):
         agent.step_reward(hidden, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="no unlock head"):
@@ -424,3 +425,35 @@ def test_train_imagine_with_unlocks_reward(tiny_crafter_root, tmp_path):
     assert summary.done
     records = [json.loads(line) for line in (tmp_path / "run2" / "imagine" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["imagined_reward"]) and np.isfinite(r["adv_mean"]) for r in records if r.get("kind") == "train")
+
+
+def test_train_imagine_starts_from_the_last_context_frames_achievements(tiny_crafter_root, tmp_path, monkeypatch):
+    from dreamerv4.training import imagine as imagine_module
+
+    latents = write_latent_folder(tiny_crafter_root, tmp_path / "latents", observations=True)
+    for episode in (p for p in latents.iterdir() if p.is_dir()):
+        length = len(np.load(episode / "rewards.npy"))
+        steps = np.arange(length)
+        # frame t carries its index in its latents; achievement k counts as unlocked before frame t iff t > k
+        np.save(episode / LATENTS_FILE, np.broadcast_to((steps / 1000.0)[:, None, None], (length, 16, 32)).astype(np.float32))
+        with np.load(episode / "observations.npz") as npz:
+            observations = {k: npz[k] for k in npz.files}
+        observations["achievements"] = (steps[:, None] > np.arange(22)[None]).astype(np.uint8)
+        np.savez_compressed(episode / "observations.npz", **observations)
+    _, cfg = write_agent_run(unlock_agent(num_achievements=22), tmp_path / "run", latents)
+    seen = []
+    real_imagine = imagine_module.imagine
+
+    def spy(agent, context_latents, context_actions, *args, **kwargs):
+        seen.append((context_latents[:, -1, 0, 0].clone(), kwargs["unlocked"].clone()))
+        return real_imagine(agent, context_latents, context_actions, *args, **kwargs)
+
+    monkeypatch.setattr(imagine_module, "imagine", spy)
+    train_cfg = TrainConfig(steps=2, batch_size=3, seq_len=3, lr=1e-2, warmup_steps=1, precision="fp32",
+                            log_every=1, ckpt_every=10, tensorboard=False)
+    train_imagine(dataclasses.replace(cfg, imagine=ImagineStage(train=train_cfg, horizon=2, sampling_steps=2,
+                                                                reward="unlocks", max_context=4)))
+    assert len(seen) == 2
+    for last_frame, unlocked in seen:
+        t = torch.round(last_frame * 1000).long()
+        assert torch.equal(unlocked, (t[:, None] > torch.arange(22)[None]).float())

@@ -169,6 +169,9 @@ def test_unlock_targets_mark_first_unlocks_and_split_the_reward():
     assert target["unlocked"].tolist() == [[[1, 0], [0, 0], [0, 1]]]
     assert target["valid"].tolist() == [[[1, 1], [0, 1], [0, 1]]]  # an unlocked achievement is not a target
     assert torch.allclose(target["other"], torch.tensor([[0.0, -0.1, 0.1]]))
+    # two unlocks on one step: Crafter pays +1 once, so the rest of the reward stays the health part
+    both = unlock_targets(torch.tensor([[[0, 0], [1, 1]]], dtype=torch.float32), torch.tensor([[1.0, 0.0]]))
+    assert both["unlocked"].tolist() == [[[1, 1]]] and torch.allclose(both["other"], torch.zeros(1, 1))
 
 
 def test_unlock_head_loss_reads_only_achievements_not_yet_unlocked():

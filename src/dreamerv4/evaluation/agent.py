@@ -20,7 +20,7 @@ which; the held-out data itself only when no training data is found).
 Rewards (reward offset 0 at frame t + 1 against rewards[t], the reward for the action at t):
   mae, rmse of the decoded reward; baseline_mae: the training mean reward as a constant;
   auroc: how well the predicted reward ranks the steps with reward > 0.5 above the rest. Crafter
-  gives +1 for each first unlock of an achievement and +-0.1 per health point gained or lost, so
+  gives +1 on a step with a first unlock of an achievement (once per step) and +-0.1 per health point gained or lost, so
   > 0.5 selects exactly the achievement unlocks, the rare events that matter (health changes are
   frequent and mostly follow from hunger/thirst timers). auroc_positive uses reward > 0 instead.
   AUROC is the Mann-Whitney statistic with ties counted half; null when a class is empty.
@@ -98,6 +98,8 @@ def heldout_windows(data: str | Path, run: RunConfig, seq_len: int) -> list[dict
                             "achievements": achievements[start:stop]})
     if not windows:
         raise DataError(f"{data}: no episode of at least {seq_len} steps")
+    if len({w["achievements"].shape[1] for w in windows}) > 1:
+        raise DataError(f"{data}: episodes record different numbers of achievements; re-record them with one tool")
     return windows
 
 

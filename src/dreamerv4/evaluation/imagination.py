@@ -13,8 +13,8 @@ per seed; every replay is checked to show the recorded frame t0). From there:
   head reads r_t at s_{t+1}, the continuation head gives c_t;
 - the real game: the same actions a_0..a_{H-1} are played from the replayed state; its rewards,
   deaths, health and achievement counters are recorded and its frames encoded by the same tokenizer.
-Crafter rewards +1 for the first unlock of each achievement in an episode (a repeat earns nothing)
-and +-0.1 per health point gained or lost, so the instrument splits steps into first unlocks, repeats
+Crafter rewards +1 on a step that unlocks an achievement for the first time in the episode (once per
+step; a repeat earns nothing) and +-0.1 per health point gained or lost, so the instrument splits steps into first unlocks, repeats
 (an achievement counter rose again) and the rest. Reported (JSON) per horizon step h = 1..H over the
 starts whose real episode is still running: imagined and real reward, latent MSE and pixel PSNR of
 the imagined frame against the real one; and over all steps: imagined vs real return, imagined reward
@@ -167,7 +167,7 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
     """Run the instrument (module docstring) for the agent or imagine checkpoint; returns the report,
     also written as JSON (default: <run>/eval/imagination_<bc|imagine>.json). reward: the imagined
     reward, as `imagine.reward` ("head" or "unlocks", which starts from the replayed state's unlocked
-    achievements); "auto": unlocks when the agent has an unlock head."""
+    achievements); "auto": the checkpoint's own imagine.reward (the one its policy was trained on)."""
     if starts < 1 or horizon < 1:
         raise UserError(f"--starts ({starts}) and --horizon ({horizon}) must be at least 1")
     started = time.perf_counter()
@@ -175,8 +175,8 @@ def evaluate_imagination(checkpoint: str | Path, data: str | Path, starts: int =
     agent, run = load_agent(checkpoint)
     if agent.action_space.name != "crafter":
         raise UserError(f"{checkpoint}: a {agent.action_space.name} agent; the instrument replays Crafter")
-    if reward == "auto":
-        reward = "unlocks" if agent.has_unlock_head else "head"
+    if reward == "auto":  # the reward the policy was trained on (an agent checkpoint's config says "head")
+        reward = run.imagine.reward
     if reward not in ("head", "unlocks") or (reward == "unlocks" and not agent.has_unlock_head):
         raise UserError(f"--reward {reward}: expected auto, head or unlocks (unlocks needs an agent with an unlock head)")
     tokenizer, tok_cfg = load_tokenizer(run.dynamics.tokenizer_checkpoint)

@@ -40,7 +40,7 @@ to it). With MTP offsets n = 0..L-1 (L = cfg.mtp_length):
   unlocked by it, achievements[t, k] - achievements[t - 1, k] (observations.npz `achievements`:
   unlocked before each frame), trained only where k was not yet unlocked at t - 1, so the head learns
   P(k happens) rather than P(k happens for the first time), which the screen cannot tell; the
-  other reward is rewards[t - 1] minus those unlocks (Crafter: the health change / 10).
+  other reward is rewards[t - 1] minus 1 if anything was unlocked (Crafter: the health change / 10).
 - value at frame t: the return from frame t onwards, sum_k gamma^k rewards[t + k] (Phase 3 trains it).
 - continuation at frame t: 1 - terminals[t], whether the episode goes on after the action taken at
   frame t (DreamerV4 Eq. 10's c_t). Read at frame t, not t+1 like the reward, because recordings
@@ -243,15 +243,17 @@ class AgentModel(nn.Module):
 
     def step_reward(self, hidden: torch.Tensor, unlocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The expected reward for the action that led to this frame given which achievements were already
-        unlocked: other + sum_k P_k (1 - unlocked_k). hidden (..., width), unlocked (..., K) in [0, 1]
-        (probabilities along an imagined rollout) -> (reward (...), unlocked after this step (...,K))."""
+        unlocked: other + P(at least one new unlock) = other + 1 - prod_k (1 - P_k (1 - unlocked_k)) (Crafter
+        pays +1 once for a step with any new unlock; the achievements are taken as independent).
+        hidden (..., width), unlocked (..., K) in [0, 1] (probabilities along an imagined rollout) ->
+        (reward (...), unlocked after this step (..., K))."""
         logits, other = self.unlocks(hidden)
         if unlocked.shape != logits.shape:
             raise ValueError(f"unlocked must be (..., {logits.shape[-1]}) like the unlock logits, "
                              f"got {tuple(unlocked.shape)}")
         p = torch.sigmoid(logits)
         fresh = p * (1.0 - unlocked.float())
-        return other + fresh.sum(-1), unlocked.float() + fresh
+        return other + 1.0 - torch.prod(1.0 - fresh, dim=-1), unlocked.float() + fresh
 
     # -- the output dict --------------------------------------------------------------------------
 

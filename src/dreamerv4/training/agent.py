@@ -95,10 +95,11 @@ def unlock_targets(achievements: torch.Tensor, rewards: torch.Tensor) -> dict[st
     """Targets of the unlock head at frames 1..T-1 (models/agent.py ALIGNMENT) from achievements (B,T,K)
     (unlocked before each frame) and rewards (B,T): {"unlocked" (B,T-1,K) 1 where the action before
     frame t unlocked k, "valid" (B,T-1,K) where k was not unlocked before it, "other" (B,T-1) the rest of
-    that action's reward}."""
+    that action's reward}. Crafter pays +1 once for a step with any new unlock (two at once still pay 1)."""
     before, after = achievements[:, :-1].float(), achievements[:, 1:].float()
     unlocked = (after - before).clamp_min(0.0)
-    return {"unlocked": unlocked, "valid": 1.0 - before, "other": rewards[:, :-1].float() - unlocked.sum(-1)}
+    any_unlock = (unlocked.sum(-1) > 0).float()
+    return {"unlocked": unlocked, "valid": 1.0 - before, "other": rewards[:, :-1].float() - any_unlock}
 
 
 def agent_losses(model: AgentModel, out: dict, actions: torch.Tensor, rewards: torch.Tensor,
@@ -203,10 +204,12 @@ def train_agent(cfg: RunConfig, resume: bool = False) -> TrainSummary:
             for batch in val_batches:
                 b = {k: v.to(device) for k, v in batch.items()}
                 out = model(b["latents"], b["actions"], noise=b["noise"])
-                losses = agent_losses(model, out, b["actions"], b["rewards"])
+                losses = agent_losses(model, out, b["actions"], b["rewards"],
+                                      achievements=b["achievements"] if weights.num_achievements else None)
                 n = b["actions"].shape[0]
-                for k in ("bc_nll_0", "action_acc_0", "reward_mae_0", "bc_nll", "reward_nll"):
-                    sums[k] = sums.get(k, 0.0) + float(losses[k]) * n
+                for k in ("bc_nll_0", "action_acc_0", "reward_mae_0", "bc_nll", "reward_nll", "unlock_nll"):
+                    if k in losses:
+                        sums[k] = sums.get(k, 0.0) + float(losses[k]) * n
                 count += n
             return {f"val_{k}": v / count for k, v in sums.items()}
 

@@ -11,7 +11,7 @@ one the agent was trained on). Each step:
    `imagine.horizon` steps the policy samples a_t at the latest frame s_t, the model generates s_{t+1}
    in K = `imagine.sampling_steps` shortcut steps and observes it. Per models/agent.py's ALIGNMENT
    the reward for a_t is read at s_{t+1}: r_t = reward(h_{t+1}); v_t = value(h_t), t = 0..H. With
-   imagine.reward = unlocks, r_t = other(h_{t+1}) + sum_k P_k(h_{t+1}) (1 - u_k): the unlock head's
+   imagine.reward = unlocks, r_t = other(h_{t+1}) + 1 - prod_k (1 - P_k(h_{t+1}) (1 - u_k)): the unlock head's
    achievements pay only while not yet unlocked, u starting from the context's recorded achievements
    and accumulating P_k along the rollout (Crafter pays only first unlocks, which the screen does not show).
    The transformer never sees more than `imagine.max_context` frames at once (default
