@@ -288,8 +288,17 @@ def _plots(*svgs: str) -> str:
     return '<div class="plots">' + "".join(svgs) + "</div>" if svgs else ""
 
 
-def _eval_missing(stage: str, command: str) -> str:
-    return _not_run(f"no {stage}/{STAGE_EVAL_FILE} (written by `{command}`)")
+def _key_numbers(stage: str, rows: list, result: dict | None, command: str) -> str:
+    """A stage's key-number table, or why there is none (no eval file, or one without the numbers)."""
+    if rows:
+        return _key_table(rows)
+    if result is None:
+        return _not_run(f"no {stage}/{STAGE_EVAL_FILE} (written by `{command}`)")
+    return f'<p class="note">{stage}/{STAGE_EVAL_FILE} holds none of the key numbers: see Raw metrics</p>'
+
+
+def _curves_missing(data: dict, stage: str) -> str:
+    return "" if stage in data["curves"] else _not_run(f"no {stage}/metrics.jsonl with train records")
 
 
 def _section_headline(data: dict, result: dict) -> tuple[bool, str]:
@@ -387,8 +396,8 @@ def _section_tokenizer(data: dict, run: Path) -> tuple[bool, str]:
     result = data["stage_evals"].get("tokenizer")
     parts = [_stage_meta(data, "tokenizer")]
     rows = tokenizer_numbers(result)
+    parts.append(_key_numbers("tokenizer", rows, result, "dreamerv4 eval tokenizer"))
     if rows:
-        parts.append(_key_table(rows))
         notes = []
         if finite(dig(result, "lpips")) is not None:
             notes.append(f"LPIPS {dig(result, 'lpips'):.3g} (lower is better)")
@@ -401,16 +410,11 @@ def _section_tokenizer(data: dict, run: Path) -> tuple[bool, str]:
         if finite(dig(result, "frames")) is not None:
             notes.append(f"{dig(result, 'frames')} held-out frames")
         parts.append(f'<p class="note">{_esc("; ".join(notes))}</p>' if notes else "")
-    elif result is None:
-        parts.append(_eval_missing("tokenizer", "dreamerv4 eval tokenizer"))
-    else:
-        parts.append('<p class="note">tokenizer/eval.json holds none of the key numbers: see Raw metrics</p>')
     if data["reconstruction"]:
         parts.append(_figure(run, data["reconstruction"], "held-out frames: top row real, bottom row "
                              "reconstructed by the tokenizer (mask rate 0)", data["problems"]))
     parts.append(_plots(_curve_plots(data, "tokenizer", ("loss",))))
-    if "tokenizer" not in data["curves"]:
-        parts.append(_not_run("no tokenizer/metrics.jsonl with train records"))
+    parts.append(_curves_missing(data, "tokenizer"))
     filled = bool(result is not None or data["reconstruction"] or data["curves"].get("tokenizer"))
     return filled, "".join(parts)
 
@@ -419,17 +423,13 @@ def _section_dynamics(data: dict, run: Path) -> tuple[bool, str]:
     result = data["stage_evals"].get("dynamics")
     parts = [_stage_meta(data, "dynamics")]
     rows = dynamics_numbers(result)
+    parts.append(_key_numbers("dynamics", rows, result, "dreamerv4 eval dynamics"))
     if rows:
-        parts.append(_key_table(rows))
         last = horizons(result)[-1]
         ceiling = finite(dig(result, "results", "tokenizer_reconstruction", last, "psnr"))
         if ceiling is not None:
             parts.append(f'<p class="note">the tokenizer allows at most {ceiling:.3g} dB {last} frames ahead '
                          "(the real future latents decoded); PSNR per frame is capped at 50 dB</p>")
-    elif result is None:
-        parts.append(_eval_missing("dynamics", "dreamerv4 eval dynamics"))
-    else:
-        parts.append('<p class="note">dynamics/eval.json holds none of the key numbers: see Raw metrics</p>')
     curve = dig(result, "psnr_curve")
     horizon_plot = ""
     if isinstance(curve, Mapping):
@@ -444,8 +444,7 @@ def _section_dynamics(data: dict, run: Path) -> tuple[bool, str]:
     panels = " | ".join(map(str, panels)) if isinstance(panels, list) and panels else "real | imagined"
     parts += [_figure(run, rel, f"{rel}: {panels}" if Path(rel).parent.name == "dynamics" else rel, data["problems"])
               for rel in media]
-    if "dynamics" not in data["curves"]:
-        parts.append(_not_run("no dynamics/metrics.jsonl with train records"))
+    parts.append(_curves_missing(data, "dynamics"))
     return bool(result is not None or media or data["curves"].get("dynamics")), "".join(parts)
 
 
@@ -453,19 +452,14 @@ def _section_agent(data: dict, run: Path) -> tuple[bool, str]:
     result = data["stage_evals"].get("agent")
     parts = [_stage_meta(data, "agent")]
     rows = agent_numbers(result)
+    parts.append(_key_numbers("agent", rows, result, "dreamerv4 eval agent"))
     if rows:
-        parts.append(_key_table(rows))
         steps = dig(result, "steps")
         if steps is not None:
             parts.append(f'<p class="note">{_esc(steps)} held-out steps; baselines fitted on '
                          f'{_esc(dig(result, "baseline_source") or "the training split")}</p>')
-    elif result is None:
-        parts.append(_eval_missing("agent", "dreamerv4 eval agent"))
-    else:
-        parts.append('<p class="note">agent/eval.json holds none of the key numbers: see Raw metrics</p>')
     parts.append(_plots(_curve_plots(data, "agent", ("loss", "bc_nll"))))
-    if "agent" not in data["curves"]:
-        parts.append(_not_run("no agent/metrics.jsonl with train records"))
+    parts.append(_curves_missing(data, "agent"))
     return bool(result is not None or data["curves"].get("agent")), "".join(parts)
 
 
