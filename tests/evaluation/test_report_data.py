@@ -10,7 +10,8 @@ import pytest
 
 from dreamerv4.evaluation.report_data import (KeyNumber, agent_numbers, ci_bounds, collect, compare_returns,
                                               crafter_eval_path, dynamics_numbers, headline, imagine_numbers,
-                                              moved_achievements, policy_result, read_jsonl, tokenizer_numbers)
+                                              imagine_return_series, moved_achievements, policy_result, read_jsonl,
+                                              tokenizer_numbers)
 
 from .test_report import build_run, dynamics_eval
 
@@ -120,3 +121,22 @@ def test_stage_key_numbers():
         ("real-game return", "within noise"), ("Crafter score (%)", "beats"),
         ("imagined return over 15 steps", "over")]
     assert imagine_numbers({"crafter_eval": {}, "instrument": {}}) == []
+
+
+def test_imagine_return_series_brackets_training_with_the_real_game_evaluations():
+    imagined = [(10.0, 0.2), (20.0, 0.5), (30.0, 0.9)]
+    evals = {"bc": _crafter(2.0, [1.8, 2.2], 3.0, {}), "imagine": _crafter(3.0, [2.7, 3.3], 4.0, {})}
+    data = {"curves": {"imagine": {"imagined_reward": imagined}}, "crafter_eval": evals}
+    series = imagine_return_series(data)
+    assert series["imagined reward per rollout (H steps)"] == imagined
+    # No monitoring during training: BC's return at step 0, the final policy's at the last logged step.
+    assert series["real-game return per episode (BC at step 0, final policy)"] == [(0.0, 2.0), (30.0, 3.0)]
+    # The training's own real-game monitoring wins where it ran.
+    monitored = [(0.0, 1.9), (30.0, 2.8)]
+    data["curves"]["imagine"]["eval/crafter_return"] = monitored
+    assert imagine_return_series(data) == {"imagined reward per rollout (H steps)": imagined,
+                                           "real-game return per episode": monitored}
+    # Without the final policy's evaluation or any training record there is no real series to draw.
+    assert list(imagine_return_series({"curves": {"imagine": {"imagined_reward": imagined}},
+                                       "crafter_eval": {"bc": evals["bc"]}})) == ["imagined reward per rollout (H steps)"]
+    assert imagine_return_series({"curves": {}, "crafter_eval": evals}) == {}

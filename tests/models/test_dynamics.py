@@ -313,3 +313,24 @@ def test_latent_scale_validation():
         DynamicsConfig(latent_scale=float("nan"))
     with pytest.raises(ValueError, match="measure"):  # 0 is resolved by training, never built
         DynamicsModel(DynamicsConfig(latent_scale=0.0))
+
+
+def test_action_to_latents_adds_the_action_embedding_to_every_latent_token():
+    plain, wide = tiny_model(), tiny_model(action_to_latents=True)  # same seed: the same weights
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), wide.state_dict().values()))
+    latents, actions, tau, d, noise = batch(t=4)
+    noisy, prev = add_noise(latents, noise, tau), previous_actions(actions)
+    base, added = plain.frame_tokens(noisy, prev, tau, d), wide.frame_tokens(noisy, prev, tau, d)
+    action = plain.embed_actions(prev)
+    assert torch.equal(added[:, :, :2], base[:, :, :2])  # the action and (tau, d) tokens are unchanged
+    assert torch.allclose(added[:, :, 2:], base[:, :, 2:] + action[:, :, None], atol=1e-6)
+    # Still conditioned on the previous action only, and generation with and without the cache agrees.
+    out = wide(latents, actions, tau, d, noise=noise)["predicted_latents"]
+    other = actions.clone()
+    other[:, 1] = (other[:, 1] + 5) % 17
+    changed = wide(latents, other, tau, d, noise=noise)["predicted_latents"]
+    assert torch.allclose(changed[:, :2], out[:, :2], atol=1e-6) and (changed[:, 2] - out[:, 2]).abs().max() > 1e-3
+    context, context_actions, future_actions = generation_inputs()
+    runs = [wide.generate(context, context_actions, future_actions, steps=4, cache=cache,
+                          generator=torch.Generator().manual_seed(7)) for cache in (True, False)]
+    assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()

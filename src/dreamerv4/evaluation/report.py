@@ -66,7 +66,7 @@ from dreamerv4.evaluation.report_data import (CRAFTER_EVAL_FILES, CRAFTER_EVAL_K
                                               STAGE_EVAL_FILE, SUMMARY_FILE, TRAINING_STAGES,
                                               KeyNumber, agent_numbers, collect, crafter_eval_path, dig,
                                               dynamics_numbers, finite, headline, horizons, imagine_numbers,
-                                              instrument_rows, tokenizer_numbers)
+                                              imagine_return_series, instrument_rows, tokenizer_numbers)
 from dreamerv4.evaluation.svg import svg_interval_chart, svg_line_plot
 
 # crafter_eval_path is imported above for pipeline.py, which takes it from here.
@@ -472,9 +472,7 @@ def _section_imagine(data: dict, run: Path) -> tuple[bool, str]:
         parts.append(_not_run(f"no {CRAFTER_EVAL_FILES['imagine']} (written by `dreamerv4 eval crafter` with the "
                               "imagination checkpoint)"))
     curves_ = data["curves"].get("imagine") or {}
-    series = {name: curves_[key] for key, name in (("imagined_reward", "imagined reward per rollout (H steps)"),
-                                                    ("eval/crafter_return", "real-game return per episode"))
-              if key in curves_}
+    series = imagine_return_series(data)
     title = "imagination training: " + (" vs ".join(series) if len(series) == 1 else "imagined vs real")
     plot = svg_line_plot(series, title, width=460, height=260) if series else ""
     parts.append(_plots(plot, _curve_plots(data, "imagine", ("loss",))))

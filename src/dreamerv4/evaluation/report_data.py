@@ -409,6 +409,26 @@ def imagine_numbers(data: Mapping[str, Any]) -> list[KeyNumber]:
     return [r for r in rows if r.value is not None]
 
 
+def imagine_return_series(data: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """The imagined-vs-real plot of imagination training: the imagined reward per rollout at every logged
+    step, and the real-game return per episode. The real series is the training's own monitoring
+    (`imagine.eval_episodes` > 0) where it ran; otherwise the two real-game evaluations bracket the
+    training: behaviour cloning (the policy imagination starts from) at step 0 and the final policy at
+    the last logged step. Series without points are left out."""
+    curves_ = (data.get("curves") or {}).get("imagine") or {}
+    imagined = list(curves_.get("imagined_reward") or [])
+    series = {"imagined reward per rollout (H steps)": imagined} if imagined else {}
+    if curves_.get("eval/crafter_return"):
+        series["real-game return per episode"] = list(curves_["eval/crafter_return"])
+        return series
+    policies = headline(data)["policies"]
+    bc, final = (dig(policies, p, "mean_return") for p in ("bc", "imagine"))
+    last = max((x for x, _ in imagined), default=None)
+    if bc is not None and final is not None and last is not None and last > 0:
+        series["real-game return per episode (BC at step 0, final policy)"] = [(0.0, bc), (float(last), final)]
+    return series
+
+
 def instrument_rows(results: Mapping[str, Any]) -> list[tuple[str, dict[str, tuple[float | None, float | None]]]]:
     """The exploitation instrument's key rows: (measure, {policy: (imagined, real)}) for return over the
     horizon, achievement unlocks and deaths per start."""

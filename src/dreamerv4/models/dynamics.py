@@ -70,6 +70,9 @@ class DynamicsConfig:
     # bootstrap's constant-prediction fixed point (see training/shortcut.py).
     bootstrap_fraction: float = 0.25
     sampling_steps: int = 4  # K shortcut steps per generated frame (d = 1 / K)
+    # True: the action embedding is also added to every latent token of its frame, besides the action
+    # token (a deviation, docs/design.md): at small budgets the model learns to read one token late.
+    action_to_latents: bool = False
     # The model works on latents * latent_scale (module docstring, "Latent scale"). 0: measured as
     # 1 / std of the training latents when `train dynamics` starts, and stored in its checkpoint.
     latent_scale: float = 1.0
@@ -211,6 +214,8 @@ class DynamicsModel(nn.Module):
         dtype = latent_tokens.dtype
         level = torch.cat((self.signal_embed(self.signal_index(tau)), self.step_embed(self.step_index(d))), dim=-1)
         action = self.embed_actions(prev_actions)
+        if cfg.action_to_latents:
+            latent_tokens = latent_tokens + action[:, :, None].to(dtype)
         return torch.cat((action[:, :, None].to(dtype), level[:, :, None].to(dtype), latent_tokens), dim=2)
 
     # -- prediction ------------------------------------------------------------------------------
