@@ -15,6 +15,7 @@
     dreamerv4 train agent --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 eval agent --checkpoint runs/x/agent/checkpoint.pt --data data/crafter-heldout
     dreamerv4 eval crafter --checkpoint runs/x/agent/checkpoint.pt --episodes 100
+    dreamerv4 eval compare runs/x/eval/crafter_imagine.json runs/x/eval/crafter_bc.json
     dreamerv4 train imagine --config configs/crafter-small.yaml [--resume] [key=value ...]
     dreamerv4 eval imagination --checkpoint runs/x/imagine/checkpoint.pt --data data/crafter-heldout
     dreamerv4 info params --config configs/minerl.yaml
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="take the policy's most likely action instead of sampling")
     p.add_argument("--batch", type=int, default=32, help="episodes played at once in lockstep (same numbers, faster)")
     p.set_defaults(handler="dreamerv4.evaluation.crafter:cmd_eval")
+
+    p = evals.add_parser("compare", help="two `eval crafter` reports on the same worlds, paired world by world")
+    p.add_argument("a", help="eval crafter JSON of the policy to test (e.g. crafter_imagine.json)")
+    p.add_argument("b", help="eval crafter JSON of its baseline (e.g. crafter_bc.json)")
+    p.add_argument("--json", default=None, help="also write the comparison here")
+    p.set_defaults(handler="dreamerv4.evaluation.crafter:cmd_compare")
 
     p = evals.add_parser("imagination", help="the same actions from the same real states in the world model and the "
                                              "real game: imagined vs real reward, unlocks, deaths, drift")

@@ -133,3 +133,30 @@ def test_batched_play_equals_one_episode_at_a_time(tmp_path, monkeypatch, checkp
     assert played == actions_one and len(set(map(tuple, played.values()))) == 4  # same actions, episodes differ
     for key in ("returns", "lengths", "achievements", "context_restarts"):
         assert one[key] == many[key], key
+
+
+def _report(path: Path, returns: list[float], seeds: list[int], policy: str) -> str:
+    mean = float(np.mean(returns))
+    path.write_text(json.dumps({"policy": policy, "returns": returns, "env_seeds": seeds, "mean_return": mean,
+                                "return_ci95": [mean - 1, mean + 1], "crafter_score": 1.0}))
+    return str(path)
+
+
+def test_eval_compare_pairs_the_same_worlds_and_refuses_others(tmp_path, capsys):
+    # Per-world differences 1, 1, 2, 0: mean 1, sd sqrt(2/3), interval 1 +- 1.96 sqrt(2/3) / 2.
+    a = _report(tmp_path / "a.json", [3.0, 2.0, 5.0, 1.0], [10, 11, 12, 13], "imagine")
+    b = _report(tmp_path / "b.json", [2.0, 1.0, 3.0, 1.0], [10, 11, 12, 13], "bc")
+    assert main(["eval", "compare", a, b, "--json", str(tmp_path / "cmp.json")]) == 0
+    out = capsys.readouterr().out
+    assert "paired a - b over 4 worlds: +1.00 (95% CI +0.20 to +1.80), ratio of means 1.57x" in out
+    written = json.loads((tmp_path / "cmp.json").read_text())
+    assert written["diff"] == pytest.approx(1.0) and written["episodes"] == 4
+    assert written["ci95"] == pytest.approx([1 - 1.96 * (2 / 3) ** 0.5 / 2, 1 + 1.96 * (2 / 3) ** 0.5 / 2])
+    other = _report(tmp_path / "other.json", [2.0, 1.0, 3.0, 1.0], [20, 21, 22, 23], "bc")
+    assert main(["eval", "compare", a, other]) == 2
+    assert "different worlds (env_seeds differ)" in capsys.readouterr().err
+    assert main(["eval", "compare", a, str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"mean_return": 1.0}')
+    assert main(["eval", "compare", a, str(tmp_path / "bad.json")]) == 2
+    assert "no per-episode `returns`" in capsys.readouterr().err

@@ -349,6 +349,7 @@ def test_report_table_values_come_from_the_files(tmp_path):
     imagine = json.loads(crafter_eval_path(run, "bc").read_text())
     crafter_eval_path(run, "imagine").write_text(json.dumps({**imagine, "mean_return": 5.0}))
     page = write_report(run).read_text()
+    assert "Paired over the same" not in page  # these evaluations keep no per-episode returns
     imagine_section = _section(page, "imagine")
     assert f"no {CRAFTER_EVAL_FILES['imagine']}" not in imagine_section
     assert "<td>real-game return</td><td class=\"num\">5 [4.3, 4.9]</td>" in imagine_section
@@ -358,6 +359,13 @@ def test_report_table_values_come_from_the_files(tmp_path):
     assert "<td>real return of the same actions</td><td class=\"num\">0.5</td>" in instrument
     assert "<td>unlock recall of the reward head</td><td class=\"num\">n/a</td>" in instrument
     assert "imagined vs real frame: PSNR" in instrument
+    # Per-episode returns on the same worlds: the headline adds the paired difference.
+    seeds = list(range(100000, 100004))
+    for policy, returns in (("bc", [4.0, 5.0, 4.0, 5.0]), ("imagine", [5.0, 6.0, 5.0, 7.0])):
+        result = json.loads(crafter_eval_path(run, policy).read_text())
+        crafter_eval_path(run, policy).write_text(json.dumps({**result, "returns": returns, "env_seeds": seeds}))
+    page = write_report(run).read_text()
+    assert "Paired over the same 4 worlds: +1.25 (95% interval +0.76 to +1.74, above zero)." in page
 
 
 def test_empty_run_folder_is_all_not_run(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from dreamerv4.evaluation.report_data import (KeyNumber, agent_numbers, ci_bounds, collect, compare_returns,
                                               crafter_eval_path, dynamics_numbers, headline, imagine_numbers,
-                                              imagine_return_series, moved_achievements, policy_result, read_jsonl,
-                                              tokenizer_numbers)
+                                              imagine_return_series, moved_achievements, paired_returns, policy_result,
+                                              read_jsonl, tokenizer_numbers)
 
 from .test_report import build_run, dynamics_eval
 
@@ -74,6 +74,26 @@ def test_headline_from_a_run_folder(tmp_path):
     result = headline(collect(run))
     assert [m["name"] for m in result["moved"]] == ["collect_wood", "wake_up"]  # +58.5 and -52.5 points
     assert result["comparisons"]["imagine_vs_bc"] == {"diff": pytest.approx(0.2), "disjoint": False}
+    assert result["paired"] == {"bc_vs_random": None, "imagine_vs_bc": None}  # no per-episode returns here
+
+
+def test_paired_returns_pairs_world_by_world():
+    seeds = [5, 6, 7]
+    bc = {"returns": [1.0, 2.0, 6.0], "env_seeds": seeds}
+    imagine = {"returns": [2.0, 3.0, 8.0], "env_seeds": seeds}  # differences 1, 1, 2: mean 4/3, sd 1/sqrt(3)
+    paired = paired_returns(imagine, bc)
+    half = 1.96 * (1 / 3) ** 0.5 / 3 ** 0.5
+    assert paired["diff"] == pytest.approx(4 / 3) and paired["episodes"] == 3
+    assert paired["ci95"] == pytest.approx((4 / 3 - half, 4 / 3 + half))
+    assert paired["ratio"] == pytest.approx(13 / 9)
+    # The intervals of the two means overlap widely; the paired interval is clear of zero.
+    assert paired["ci95"][0] > 0
+    assert paired_returns(imagine, {**bc, "env_seeds": [5, 6, 8]}) is None  # other worlds
+    assert paired_returns(imagine, {"returns": [1.0, 2.0], "env_seeds": seeds}) is None  # other lengths
+    assert paired_returns(imagine, {"returns": [1.0, "nan", 2.0], "env_seeds": seeds}) is None
+    assert paired_returns(imagine, None) is None and paired_returns({"env_seeds": seeds}, bc) is None
+    one = paired_returns({"returns": [2.0], "env_seeds": [1]}, {"returns": [1.0], "env_seeds": [1]})
+    assert one["diff"] == 1.0 and one["ci95"] is None
 
 
 def test_key_number_verdicts():

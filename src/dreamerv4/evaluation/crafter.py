@@ -2,6 +2,7 @@
 
     dreamerv4 eval crafter --checkpoint runs/x/agent/checkpoint.pt --episodes 100 --seed 100000
     dreamerv4 eval crafter --checkpoint random --episodes 100 --seed 100000 --out runs/x/eval/crafter_random.json
+    dreamerv4 eval compare runs/x/eval/crafter_imagine.json runs/x/eval/crafter_bc.json   # paired, same worlds
 
 Episode i is played in `make_crafter_env(seed + i)` (data/crafter_record.py: the real game with
 reproducible creature despawning), and the policy's sampling and world-model noise come from a
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from dreamerv4.data.crafter_record import crafter_score
 from dreamerv4.errors import UserError
+from dreamerv4.evaluation.report_data import paired_returns
 from dreamerv4.media import write_side_by_side
 from dreamerv4.models.policy import AgentPolicy, RandomPolicy, play_episodes, policy_seed
 from dreamerv4.training.stages import load_agent, load_tokenizer, tokenizer_context
@@ -148,4 +150,40 @@ def cmd_eval(args) -> int:
           f"crafter score {r['crafter_score']:.2f}%, mean length {r['mean_length']:.0f}")
     print(f"  achievements: {achieved}")
     print(f"  report {r['out']}" + (f", video {r['video']}" if r["video"] else ""))
+    return 0
+
+
+def _read_result(path: str) -> dict:
+    try:
+        result = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (write it with `dreamerv4 eval crafter --out`)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable JSON report ({err})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("returns"), list) or not result["returns"]:
+        raise UserError(f"{path}: not an `eval crafter` report (no per-episode `returns`)")
+    return result
+
+
+def cmd_compare(args) -> int:
+    """Two `eval crafter` reports on the same worlds: each mean with its interval, then a - b paired."""
+    a, b = _read_result(args.a), _read_result(args.b)
+    if a.get("env_seeds") != b.get("env_seeds"):
+        raise UserError(f"{args.a} and {args.b} were played on different worlds (env_seeds differ): "
+                        "evaluate both with the same --seed and --episodes")
+    paired = paired_returns(a, b)
+    if paired is None:
+        raise UserError(f"{args.a} and {args.b}: a return is missing or not a number")
+    for path, r in ((args.a, a), (args.b, b)):
+        ci = r.get("return_ci95")
+        ci_text = "n/a" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
+        print(f"{path}: {r.get('policy', '?')} mean return {r['mean_return']:.2f} ({ci_text}), "
+              f"crafter score {r.get('crafter_score', float('nan')):.2f}%")
+    ci = paired["ci95"]
+    ratio = "n/a" if paired["ratio"] is None else f"{paired['ratio']:.2f}x"
+    print(f"paired a - b over {paired['episodes']} worlds: {paired['diff']:+.2f}"
+          + ("" if ci is None else f" (95% CI {ci[0]:+.2f} to {ci[1]:+.2f})") + f", ratio of means {ratio}")
+    if args.json:
+        write_json_report(Path(args.json), {"a": args.a, "b": args.b, **paired,
+                                            "ci95": None if ci is None else list(ci)})
     return 0

@@ -333,6 +333,12 @@ def _headline_sentences(result: dict) -> list[str]:
             text += f": the 95% intervals do not overlap, {'higher' if comparison['diff'] > 0 else 'lower'}."
         else:
             text += ": the 95% intervals overlap, so this run does not separate them."
+        paired = result["paired"][key]
+        if paired is not None and paired["ci95"] is not None:
+            low, high = paired["ci95"]
+            verdict = "above zero" if low > 0 else "below zero" if high < 0 else "includes zero"
+            text += (f" Paired over the same {paired['episodes']} worlds: {paired['diff']:+.2f} "
+                     f"(95% interval {low:+.2f} to {high:+.2f}, {verdict}).")
         out.append(text)
     return out
 

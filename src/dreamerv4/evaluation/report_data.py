@@ -273,15 +273,43 @@ def compare_returns(a: dict | None, b: dict | None) -> dict[str, Any] | None:
     return {"diff": a["mean_return"] - b["mean_return"], "disjoint": disjoint}
 
 
+def paired_returns(a: Any, b: Any) -> dict[str, Any] | None:
+    """Policy a against b episode by episode, from two `eval crafter` results on the same worlds (the same
+    `env_seeds` in the same order): the mean of the per-world differences a - b with its 95% interval
+    (normal approximation, like each policy's own interval; None for one world), the ratio of the means
+    and the number of worlds. Pairing removes the worlds' own spread, so it separates policies that two
+    overlapping intervals cannot. None when either result lacks its returns or the worlds differ."""
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return None
+    ra, rb = a.get("returns"), b.get("returns")
+    if not isinstance(ra, list) or not isinstance(rb, list) or not ra or len(ra) != len(rb):
+        return None
+    if a.get("env_seeds") is None or a.get("env_seeds") != b.get("env_seeds"):
+        return None
+    diffs = [finite(x) - finite(y) if finite(x) is not None and finite(y) is not None else None for x, y in zip(ra, rb)]
+    if any(d is None for d in diffs):
+        return None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    mean_b = sum(rb) / n
+    return {"diff": mean, "ci95": None if half is None else (mean - half, mean + half),
+            "ratio": sum(ra) / n / mean_b if mean_b > 0 else None, "episodes": n}
+
+
 def headline(data: Mapping[str, Any]) -> dict[str, Any]:
     """The page's opening result from collect()'s data: per policy (random, bc, imagine) its policy_result
     (None: not run), the achievements that moved most between BC and imagination training, and the two
-    comparisons that matter: BC against random, imagination training against BC."""
-    policies = {p: policy_result((data.get("crafter_eval") or {}).get(p)) for p in POLICIES}
+    comparisons that matter: BC against random, imagination training against BC, by their intervals
+    (`comparisons`) and world by world (`paired`, None where the evaluations cannot be paired)."""
+    raw = data.get("crafter_eval") or {}
+    policies = {p: policy_result(raw.get(p)) for p in POLICIES}
     return {"policies": policies,
             "moved": moved_achievements(policies["bc"], policies["imagine"], policies["random"]),
             "comparisons": {"bc_vs_random": compare_returns(policies["bc"], policies["random"]),
-                            "imagine_vs_bc": compare_returns(policies["imagine"], policies["bc"])}}
+                            "imagine_vs_bc": compare_returns(policies["imagine"], policies["bc"])},
+            "paired": {"bc_vs_random": paired_returns(raw.get("bc"), raw.get("random")),
+                       "imagine_vs_bc": paired_returns(raw.get("imagine"), raw.get("bc"))}}
 
 
 @dataclass(frozen=True)
