@@ -70,6 +70,9 @@ class ImagineStage:
     # "head": r_t from the reward head; "unlocks": from the unlock head, paying an achievement only
     # while it is not yet unlocked (needs agent.model.num_achievements; training/imagine.py)
     reward: str = "head"
+    # > 0: pessimistic imagined reward: each frame sampled twice, r = mean - disagreement x |r_a - r_b|
+    # (0.5: the smaller of the two; doubles a rollout's cost; training/imagine.py)
+    disagreement: float = 0.0
     center_advantages: bool = False  # subtract the batch mean from A_t before PMPO takes signs (deviation)
     eval_episodes: int = 0  # real Crafter episodes every train.eval_every steps (0: no real-game evaluation)
     eval_seed: int = 200000  # first environment seed of those episodes (not eval crafter's 100000: no tuning on it)
@@ -86,8 +89,9 @@ class ImagineStage:
         for name in ("gamma", "lam", "alpha"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.beta < 0 or self.value_weight < 0:
-            raise ValueError(f"beta and value_weight must be >= 0, got {self.beta}, {self.value_weight}")
+        if self.beta < 0 or self.value_weight < 0 or self.disagreement < 0:
+            raise ValueError(f"beta, value_weight and disagreement must be >= 0, got {self.beta}, "
+                             f"{self.value_weight}, {self.disagreement}")
         if self.reward not in ("head", "unlocks"):
             raise ValueError(f"reward must be 'head' or 'unlocks', got {self.reward!r}")
 

@@ -16,8 +16,8 @@ from dreamerv4.checkpoint import load_checkpoint, save_checkpoint
 from dreamerv4.config import from_dict, to_dict
 from dreamerv4.data.latents import LATENTS_FILE, MANIFEST_FILE, MANIFEST_FORMAT
 from dreamerv4.errors import CheckpointError, ConfigError
-from dreamerv4.models.agent import AgentConfig, AgentModel
-from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel
+from dreamerv4.models.agent import AgentConfig, AgentModel, AgentRollout
+from dreamerv4.models.dynamics import DynamicsConfig, DynamicsModel, previous_actions
 from dreamerv4.models.tokenizer import Tokenizer
 from dreamerv4.models.transformer import TransformerConfig
 from dreamerv4.run_config import ImagineStage, RunConfig
@@ -394,6 +394,57 @@ def test_imagine_with_unlocks_pays_less_once_unlocked():
     assert torch.allclose(none["unlocked"], expected, atol=1e-6)
     head = imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), **kwargs)
     assert "unlocked" not in head  # no start state: the reward head pays
+
+
+def test_peek_reads_a_frame_without_adding_it_to_the_context():
+    agent = tiny_agent().eval()
+    latents, actions = contexts()
+    action = torch.tensor([1, 2, 3, 4])
+    frame = torch.rand(4, 1, 16, 32) * 2 - 1
+    peeked, plain = AgentRollout(agent, generator=torch.Generator()), AgentRollout(agent, generator=torch.Generator())
+    for rollout in (peeked, plain):
+        rollout.observe(latents, previous_actions(actions))
+    peeked.generator.manual_seed(3)
+    hidden = peeked.peek(frame, action[:, None])
+    assert peeked.num_frames == plain.num_frames == 2  # not added
+    plain.generator.manual_seed(3)
+    assert torch.allclose(hidden, plain.observe(frame, action[:, None]), atol=1e-5)  # the readout observe gives
+    plain = AgentRollout(agent, generator=torch.Generator())
+    plain.observe(latents, previous_actions(actions))
+    peeked.generator.manual_seed(4)
+    plain.generator.manual_seed(4)
+    assert torch.equal(peeked.imagine(action), plain.imagine(action))  # the next frame is as if never peeked
+
+
+def test_disagreement_reward_is_pessimistic():
+    agent = unlock_agent().eval()
+    with torch.no_grad():  # an unlock head that reads the frame (it starts at zero)
+        agent.unlock_head.out.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    latents, actions = contexts()
+    kwargs = dict(horizon=3, steps=4, gamma=0.9, lam=0.5, unlocked=torch.zeros(4, 3))
+    out = imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), disagreement=0.5, **kwargs)
+    spread = out["reward_spread"]
+    assert spread.shape == (4, 3) and (spread > 0).all()  # two samples of a frame read out differently
+    own, _ = _step_rewards(agent, out["agent_hidden"][:, 1:], torch.zeros(4, 3))  # r_a of the kept frames
+    # 0.5: the smaller of r_a and r_b = r_a +- spread
+    assert torch.all(torch.isclose(out["imagined_rewards"], own, atol=1e-6)
+                     | torch.isclose(out["imagined_rewards"], own - spread, atol=1e-6))
+    assert torch.allclose(out["returns"], lambda_returns(out["imagined_rewards"], out["values"], out["continues"],
+                                                         gamma=0.9, lam=0.5))
+    harsh = imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), disagreement=2.0, **kwargs)
+    assert torch.equal(harsh["reward_spread"], spread)  # same draws
+    assert (harsh["imagined_rewards"] < out["imagined_rewards"]).all()
+    assert "reward_spread" not in imagine(agent, latents, actions, generator=torch.Generator().manual_seed(0), **kwargs)
+    with pytest.raises(ValueError, match="disagreement"):
+        ImagineStage(disagreement=-1.0)
+
+
+def _step_rewards(agent: AgentModel, hidden: torch.Tensor, unlocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rewards = []
+    for t in range(hidden.shape[1]):
+        reward, unlocked = agent.step_reward(hidden[:, t], unlocked)
+        rewards.append(reward)
+    return torch.stack(rewards, dim=1), unlocked
 
 
 def test_centred_advantages_fill_both_pmpo_sets():

@@ -35,7 +35,8 @@ checkpoint); the prior head is extra state. The run config saved with it has the
 Writes `<out_dir>/imagine/`: checkpoint.pt, config.yaml, metrics.jsonl, tb/. Logged: imagined_return
 (mean R_t), imagined_reward (mean sum of r_t over the horizon), adv_mean (before centring), adv_pos_frac (|D+|/N) and
 adv_neg_frac, kl_prior, value_error (mean |v_t - R_t|), policy_loss, value_loss, entropy,
-continue_mean (mean c_t) and alive_frac (share of steps that count); with
+continue_mean (mean c_t) and alive_frac (share of steps that count), reward_spread (with
+imagine.disagreement: mean sum over the horizon of |r_a - r_b| between two samples of each frame); with
 `imagine.eval_episodes` > 0 and `train.eval_every` > 0, crafter_return and crafter_score of that many
 real-game episodes every eval_every steps, played as `dreamerv4 eval crafter` plays them but from
 `imagine.eval_seed` (default 200000, apart from eval crafter's 100000 so monitoring never tunes on it).
@@ -105,6 +106,7 @@ def imagine(
     generator: torch.Generator | None = None,
     max_frames: int | None = None,
     unlocked: torch.Tensor | None = None,
+    disagreement: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Roll the frozen world model forward from real contexts with actions from the agent's policy.
 
@@ -126,6 +128,9 @@ def imagine(
     unlocked (B,K): the achievements unlocked before s_0 (None: rewards from the reward head). Given, the
     reward is the unlock head's `step_reward`, which pays an achievement only while it is not yet
     unlocked; unlocked_k accumulates P_k along the rollout (also returned, (B,K), after s_H).
+    disagreement > 0: a pessimistic reward. Each s_{t+1} is sampled a second time (other noise, not added
+    to the context) and r_t = mean(r_a, r_b) - disagreement x |r_a - r_b| of the rewards the two samples'
+    readouts predict (0.5: their minimum); `reward_spread` (B,H) returns |r_a - r_b|. It doubles the cost.
     """
     b, c = context_latents.shape[:2]
     if horizon < 1:
@@ -140,7 +145,7 @@ def imagine(
     prev = previous_actions(context_actions)
     hidden = rollout.observe(context_latents, prev)
     frames, prevs = list(context_latents.float().unbind(1)), list(prev.unbind(1))  # what the context holds
-    hiddens, latents, actions = [hidden], [], []
+    hiddens, latents, actions, alt_hiddens = [hidden], [], [], []
     for _ in range(horizon):
         action = space.sample(agent.policy(hidden), generator=generator)
         if max_frames is not None and rollout.num_frames >= max_frames:
@@ -149,6 +154,8 @@ def imagine(
             restart_prev = torch.stack(prevs[-keep:], dim=1).clone()
             restart_prev[:, 0] = NO_ACTION
             rollout.observe(torch.stack(frames[-keep:], dim=1), restart_prev)
+        if disagreement > 0:  # a second sample of the next frame, read out but not added to the context
+            alt_hiddens.append(rollout.peek(rollout.imagine(action)[:, None], action[:, None]))
         frame, hidden = rollout.imagine_step(action)
         frames.append(frame)
         prevs.append(action)
@@ -157,14 +164,23 @@ def imagine(
         actions.append(action)
     agent_hidden = torch.stack(hiddens, dim=1).float()
     extra = {}
-    if unlocked is None:
-        rewards = agent.two_hot.decode(agent.reward(agent_hidden[:, 1:]))
-    else:
+    def read_rewards(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B,H,width) of s_1..s_H
+        if unlocked is None:
+            return agent.two_hot.decode(agent.reward(hidden)), None
         step_rewards, progress = [], unlocked.float()
         for t in range(horizon):
-            reward, progress = agent.step_reward(agent_hidden[:, t + 1], progress)
+            reward, progress = agent.step_reward(hidden[:, t], progress)
             step_rewards.append(reward)
-        rewards, extra["unlocked"] = torch.stack(step_rewards, dim=1), progress
+        return torch.stack(step_rewards, dim=1), progress
+
+    rewards, progress = read_rewards(agent_hidden[:, 1:])
+    if progress is not None:
+        extra["unlocked"] = progress
+    if disagreement > 0:
+        alt_rewards, _ = read_rewards(torch.stack(alt_hiddens, dim=1).float())
+        spread = (rewards - alt_rewards).abs()
+        rewards = 0.5 * (rewards + alt_rewards) - disagreement * spread
+        extra["reward_spread"] = spread
     values = agent.two_hot.decode(agent.value(agent_hidden))
     continues = agent.continue_prob(agent_hidden[:, :-1])
     alive = torch.cumprod(torch.cat((torch.ones_like(continues[:, :1]), continues[:, :-1]), dim=1), dim=1)
@@ -219,6 +235,8 @@ def imagination_loss(
             "continue_mean": rollout["continues"].mean(),
             "alive_frac": alive.float().mean(),
         }
+        if "reward_spread" in rollout:
+            metrics["reward_spread"] = rollout["reward_spread"].sum(1).mean()
     return loss, metrics
 
 
@@ -261,7 +279,8 @@ def train_imagine(cfg: RunConfig, resume: bool = False) -> TrainSummary:
     def loss_fn(model: AgentModel, batch: dict) -> tuple[torch.Tensor, dict]:
         unlocked = batch["achievements"][:, -1] if stage.reward == "unlocks" else None  # before s_0
         rollout = imagine(model, batch["latents"], batch["actions"], stage.horizon, stage.sampling_steps,
-                          gamma=stage.gamma, lam=stage.lam, max_frames=max_frames, unlocked=unlocked)
+                          gamma=stage.gamma, lam=stage.lam, max_frames=max_frames, unlocked=unlocked,
+                          disagreement=stage.disagreement)
         return imagination_loss(model, prior, rollout, stage)
 
     eval_fn = None
