@@ -351,13 +351,16 @@ class AgentRollout:
         """Append frames (B,N,L,C), each with the code of the action that led to it (B,N) (NO_ACTION
         for none), re-noised to the context signal level with d_min. Returns the agent readout of the
         last of them (B,width)."""
-        self.last_hidden = self.peek(latents, prev_actions, update_cache=True)
+        self.last_hidden = self._readout(latents, prev_actions, update_cache=True)
         return self.last_hidden
 
     @torch.no_grad()
-    def peek(self, latents: torch.Tensor, prev_actions: torch.Tensor, update_cache: bool = False) -> torch.Tensor:
-        """observe() without adding the frames to the context (unless update_cache): the agent readout
-        (B,width) that the last of them would get, e.g. of a second sample of the next frame."""
+    def peek(self, latents: torch.Tensor, prev_actions: torch.Tensor) -> torch.Tensor:
+        """observe() without adding the frames to the context: the agent readout (B,width) that the last
+        of them would get, e.g. of a second sample of the next frame."""
+        return self._readout(latents, prev_actions, update_cache=False)
+
+    def _readout(self, latents: torch.Tensor, prev_actions: torch.Tensor, update_cache: bool) -> torch.Tensor:
         cfg = self.model.dynamics.cfg
         level = cfg.context_signal_level
         noisy = add_noise(self.model.dynamics.to_model(latents), self._noise(tuple(latents.shape), latents.device), level)

@@ -164,20 +164,11 @@ def imagine(
         actions.append(action)
     agent_hidden = torch.stack(hiddens, dim=1).float()
     extra = {}
-    def read_rewards(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B,H,width) of s_1..s_H
-        if unlocked is None:
-            return agent.two_hot.decode(agent.reward(hidden)), None
-        step_rewards, progress = [], unlocked.float()
-        for t in range(horizon):
-            reward, progress = agent.step_reward(hidden[:, t], progress)
-            step_rewards.append(reward)
-        return torch.stack(step_rewards, dim=1), progress
-
-    rewards, progress = read_rewards(agent_hidden[:, 1:])
+    rewards, progress = rollout_rewards(agent, agent_hidden[:, 1:], unlocked)
     if progress is not None:
         extra["unlocked"] = progress
     if disagreement > 0:
-        alt_rewards, _ = read_rewards(torch.stack(alt_hiddens, dim=1).float())
+        alt_rewards, _ = rollout_rewards(agent, torch.stack(alt_hiddens, dim=1).float(), unlocked)
         spread = (rewards - alt_rewards).abs()
         rewards = 0.5 * (rewards + alt_rewards) - disagreement * spread
         extra["reward_spread"] = spread
@@ -197,6 +188,21 @@ def imagine(
         "agent_hidden": agent_hidden,
         **extra,
     }
+
+
+def rollout_rewards(
+    agent: AgentModel, hidden: torch.Tensor, unlocked: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """r_t (B,H) from the readouts (B,H,width) of s_1..s_H: the reward head's when `unlocked` is None, else
+    the unlock head's `step_reward` from the achievements unlocked before s_1 (B,K), which it also returns
+    as accumulated after s_H (None with the reward head)."""
+    if unlocked is None:
+        return agent.two_hot.decode(agent.reward(hidden)), None
+    step_rewards, progress = [], unlocked.float()
+    for t in range(hidden.shape[1]):
+        reward, progress = agent.step_reward(hidden[:, t], progress)
+        step_rewards.append(reward)
+    return torch.stack(step_rewards, dim=1), progress
 
 
 def imagination_loss(
